@@ -1,0 +1,143 @@
+"""Distributional CrossQ critic: an ensemble of categorical Q-networks with batch renormalisation (ALGORITHM.md §2).
+
+Each critic: concat(s, a) → BRN → [Linear → ReLU → BRN] × L → Linear(K) → softmax over K atoms on
+linspace(v_min, v_max). There is no target network: (s, a) and (s', a') go through the critic in one joint
+train-mode pass, so the batch statistics cover both halves (CrossQ).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from tensordict import TensorDict
+from torch import nn
+from torchrl.modules import BatchRenorm1d
+
+from dime_lightning.actor import dense
+
+
+class BatchRenorm(BatchRenorm1d):
+    """TorchRL's ``BatchRenorm1d`` with its warm-up counter saturating at ``warmup_steps``.
+
+    TorchRL 0.14 computes the warm-up factor as ``num_batches_tracked // warmup_steps`` but its clamp of the
+    counter is not in place, so the factor would reach 2, 3, … after 2×, 3× the warm-up and scale r − 1
+    and d beyond their limits. Clamping in place keeps the factor at 1 after the warm-up.
+
+    Conventions (checked against ALGORITHM.md §2.1 in the tests): running stat ← (1 − momentum)·stat +
+    momentum·batch, so Flax momentum 0.99 is ``momentum=0.01`` here; the running variance tracks the unbiased
+    batch variance (a factor 2B/(2B − 1) ≈ 1.002 at 2B = 512 rows); the warm-up is a tensor condition, so
+    forward has no host sync.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        saturate = self.training and self.warmup_steps > 0
+        if saturate:  # also covers a counter loaded from elsewhere
+            self.num_batches_tracked.clamp_(max=self.warmup_steps)
+        out = super().forward(x)
+        if saturate:
+            self.num_batches_tracked.clamp_(max=self.warmup_steps)
+        return out
+
+
+def _critic_mlp(
+    in_dim: int, hidden_dims: Sequence[int], num_atoms: int, momentum: float, eps: float,
+    warmup_steps: int, max_r: float, max_d: float,
+) -> nn.Sequential:
+    def brn(width: int) -> BatchRenorm:
+        return BatchRenorm(width, momentum=momentum, eps=eps, max_r=max_r, max_d=max_d, warmup_steps=warmup_steps)
+
+    layers: list[nn.Module] = [brn(in_dim)]
+    width = in_dim
+    for hidden in hidden_dims:
+        layers += [dense(width, hidden), nn.ReLU(), brn(hidden)]
+        width = hidden
+    layers.append(dense(width, num_atoms))
+    return nn.Sequential(*layers)
+
+
+class DistributionalCritic(nn.Module):
+    """``num_critics`` independent categorical critics; ``forward`` returns logits of shape (C, B, K)."""
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        num_critics: int = 2,
+        hidden_dims: Sequence[int] = (2048, 2048),
+        num_atoms: int = 101,
+        v_min: float = -1600.0,
+        v_max: float = 1600.0,
+        brn_momentum: float = 0.01,
+        brn_eps: float = 1e-3,
+        brn_warmup_steps: int = 100_000,
+        brn_max_r: float = 3.0,
+        brn_max_d: float = 5.0,
+    ) -> None:
+        super().__init__()
+        if not v_min < v_max:
+            raise ValueError(f"DistributionalCritic: v_min must be < v_max, got v_min={v_min}, v_max={v_max}")
+        if num_atoms < 2:
+            raise ValueError(f"DistributionalCritic: num_atoms must be >= 2, got {num_atoms}")
+        if num_critics < 1:
+            raise ValueError(f"DistributionalCritic: num_critics must be >= 1, got {num_critics}")
+        if not 0.0 < brn_momentum <= 1.0:
+            raise ValueError(f"DistributionalCritic: brn_momentum must be in (0, 1], got {brn_momentum}")
+        if brn_warmup_steps < 0:
+            raise ValueError(f"DistributionalCritic: brn_warmup_steps must be >= 0, got {brn_warmup_steps}")
+        self.v_min, self.v_max, self.num_atoms = float(v_min), float(v_max), num_atoms
+        self.register_buffer("support", torch.linspace(v_min, v_max, num_atoms))
+        self.critics = nn.ModuleList(
+            _critic_mlp(obs_dim + action_dim, hidden_dims, num_atoms, brn_momentum, brn_eps,
+                        brn_warmup_steps, brn_max_r, brn_max_d)
+            for _ in range(num_critics)
+        )
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Logits (C, B, K). Train mode normalises with batch statistics and updates the running ones."""
+        inputs = torch.cat([obs, action], dim=-1)  # (B, obs_dim + D)
+        return torch.stack([critic(inputs) for critic in self.critics])
+
+    def joint(
+        self, obs: torch.Tensor, action: torch.Tensor, next_obs: torch.Tensor, next_action: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """CrossQ joint pass: one forward over the 2B rows [(s, a); (s', a')], split back into two (C, B, K)."""
+        logits = self(torch.cat([obs, next_obs]), torch.cat([action, next_action]))  # (C, 2B, K)
+        return logits.split(obs.shape[0], dim=1)
+
+    def q_values(self, logits: torch.Tensor) -> torch.Tensor:
+        """Expected value Σ_j p_j z_j per critic: (C, B, K) -> (C, B)."""
+        return (logits.softmax(-1) * self.support).sum(-1)
+
+    @contextmanager
+    def frozen(self) -> Iterator[DistributionalCritic]:
+        """Inference mode for the actor loss: running statistics, no stat updates, detached parameters.
+
+        Gradients still flow to the *inputs* (the action), but never into the critic's parameters.
+        """
+        was_training = self.training
+        params = TensorDict.from_module(self)
+        self.eval()
+        try:
+            with params.detach().to_module(self):
+                yield self
+        finally:
+            self.train(was_training)
+
+
+def project_distribution(
+    probs: torch.Tensor, shifted_support: torch.Tensor, v_min: float, v_max: float, num_atoms: int
+) -> torch.Tensor:
+    """C51 projection of mass ``probs`` sitting at ``shifted_support`` onto linspace(v_min, v_max, K).
+
+    ``shifted_support`` (..., K) is clipped to [v_min, v_max]; each atom's mass is split between its two grid
+    neighbours in proportion to closeness (the triangular kernel max(0, 1 − |b − j|) with b = (Tz − v_min)/Δz).
+    An atom that falls exactly on a grid point keeps all of its mass there, including at both ends of the
+    support, so rows always sum to the input mass. (..., K) -> (..., K).
+    """
+    delta = (v_max - v_min) / (num_atoms - 1)
+    b = (shifted_support.clamp(v_min, v_max) - v_min) / delta  # (..., K) fractional grid positions
+    grid = torch.arange(num_atoms, device=probs.device, dtype=probs.dtype)  # (K,)
+    weights = (1.0 - (b.unsqueeze(-1) - grid).abs()).clamp_min(0.0)  # (..., K_src, K_dst)
+    return (probs.unsqueeze(-2) @ weights).squeeze(-2)  # (..., 1, K_src) @ (..., K_src, K_dst) -> (..., K_dst)

@@ -1,0 +1,127 @@
+"""Environments: the one place env ids are read.
+
+Accepted ids:
+- any registered Gymnasium id with a bounded continuous (Box) action space, e.g. the MuJoCo v5 tasks
+  ``HalfCheetah-v5``, ``Hopper-v5``, ``Walker2d-v5``, ``Ant-v5``, ``Humanoid-v5`` or ``Pendulum-v1``;
+- DeepMind Control Suite tasks as ``dm_control/<domain>-<task>`` (e.g. ``dm_control/dog-run``), which need
+  the ``dmc`` extra (``pip install 'dime-lightning[dmc]'``).
+
+Every env is a TorchRL ``TransformedEnv`` with: a single float32 ``observation`` vector (DMC's observation
+dict is concatenated in key order), actions in [−1, 1] mapped affinely to the env bounds
+(``ActionScaling``), ``terminated`` kept apart from ``truncated`` (time limits truncate, they never
+terminate), and the running episode return in ``episode_reward``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchrl.envs import (
+    ActionScaling,
+    CatTensors,
+    DoubleToFloat,
+    EnvBase,
+    GymEnv,
+    RewardSum,
+    StepCounter,
+    TransformedEnv,
+)
+
+DMC_PREFIX = "dm_control/"
+ACCEPTED_FORMS = (
+    "a Gymnasium id with a continuous Box action space (e.g. 'Pendulum-v1', 'HalfCheetah-v5', 'Hopper-v5', "
+    "'Walker2d-v5', 'Ant-v5', 'Humanoid-v5') or 'dm_control/<domain>-<task>' (e.g. 'dm_control/dog-run')"
+)
+
+
+class EnvIdError(ValueError):
+    """An env id that cannot be built, with a message saying which forms are accepted."""
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """What the model needs to know about an env: dimensions only, never read from YAML."""
+
+    env_id: str
+    obs_dim: int
+    action_dim: int
+
+
+def _dmc_domain_task(env_id: str) -> tuple[str, str]:
+    name = env_id[len(DMC_PREFIX):]
+    domain, sep, task = name.partition("-")
+    if not sep or not domain or not task:
+        raise EnvIdError(f"env id {env_id!r}: DMC ids must look like 'dm_control/<domain>-<task>'")
+    try:
+        from dm_control import suite
+    except ImportError as err:
+        raise EnvIdError(
+            f"env id {env_id!r} needs dm_control, which is not installed: "
+            "pip install 'dime-lightning[dmc]' (or pip install dm_control)"
+        ) from err
+    if (domain, task) not in set(suite.ALL_TASKS):
+        known = ", ".join(f"{d}-{t}" for d, t in suite.ALL_TASKS[:12])
+        raise EnvIdError(f"env id {env_id!r}: unknown DMC task {domain}-{task}; known tasks include {known}, …")
+    return domain, task
+
+
+def check_env_id(env_id: str) -> None:
+    """Fail fast (before anything heavy) if ``env_id`` is not one of the accepted forms."""
+    if not isinstance(env_id, str) or not env_id:
+        raise EnvIdError(f"env id must be a non-empty string; accepted: {ACCEPTED_FORMS}")
+    if env_id.startswith(DMC_PREFIX):
+        _dmc_domain_task(env_id)
+        return
+    import gymnasium
+
+    try:
+        gymnasium.spec(env_id)
+    except gymnasium.error.Error as err:
+        raise EnvIdError(f"unknown env id {env_id!r} ({err}); accepted: {ACCEPTED_FORMS}") from err
+
+
+def _base_env(env_id: str, device: str) -> EnvBase:
+    if env_id.startswith(DMC_PREFIX):
+        from torchrl.envs import DMControlEnv
+
+        domain, task = _dmc_domain_task(env_id)
+        return DMControlEnv(domain, task, device=device)
+    check_env_id(env_id)
+    try:
+        return GymEnv(env_id, device=device)
+    except Exception as err:  # gymnasium raises many types (missing extras, bad kwargs, …)
+        raise EnvIdError(f"env id {env_id!r} could not be created: {err}") from err
+
+
+def make_env(env_id: str, seed: int | None = None, device: str = "cpu") -> TransformedEnv:
+    """Build the TorchRL env for ``env_id`` (see the module docstring for the accepted forms)."""
+    base = _base_env(env_id, device)
+    action_spec = base.action_spec
+    if action_spec.dtype not in (torch.float32, torch.float64) or not hasattr(action_spec.space, "low"):
+        raise EnvIdError(f"env id {env_id!r}: DIME needs a bounded continuous action space, got {action_spec}")
+    if not (torch.isfinite(action_spec.space.low).all() and torch.isfinite(action_spec.space.high).all()):
+        raise EnvIdError(f"env id {env_id!r}: the action space must be bounded, got {action_spec}")
+    obs_keys = [key for key in base.observation_spec.keys(True, True)]
+    env = TransformedEnv(base)
+    if obs_keys != ["observation"]:
+        env.append_transform(CatTensors(in_keys=sorted(obs_keys), out_key="observation", del_keys=True))
+    env.append_transform(DoubleToFloat())
+    env.append_transform(ActionScaling())
+    env.append_transform(RewardSum())
+    env.append_transform(StepCounter())
+    if seed is not None:
+        env.set_seed(seed)
+    return env
+
+
+def env_spec(env_id: str) -> EnvSpec:
+    """Dimensions of ``env_id`` (builds the env once and closes it)."""
+    env = make_env(env_id)
+    try:
+        obs_shape = env.observation_spec["observation"].shape
+        if len(obs_shape) != 1:
+            raise EnvIdError(f"env id {env_id!r}: expected a flat observation vector, got shape {tuple(obs_shape)}")
+        return EnvSpec(env_id, int(obs_shape[-1]), int(env.action_spec.shape[-1]))
+    finally:
+        env.close()

@@ -1,0 +1,108 @@
+"""Train DIME: ``python -m dime_lightning.fit --config conf/pendulum.yaml [--config more.yaml] [--a.b value]``.
+
+The config has these groups (``--print_config`` shows them all, resolved):
+``model`` (DIMEModule: actor, critic, temperature, schedule, optimisers), ``data`` (ReplayDataModule: env id,
+total_env_steps, learning_starts, buffer, batch size), ``trainer`` (lightning.Trainer), ``eval``,
+``checkpoint``, ``monitor`` (callbacks, all in env steps), ``mlflow`` (tracking URI, experiment, run name)
+and ``seed_everything``. Env dimensions are linked from the data module into the model, never written in YAML.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import MLFlowLogger
+
+from dime_lightning.callbacks import EnvStepCheckpoint, EnvStepProgressBar, Evaluation, MLflowRunInfo, TrainingMonitor
+from dime_lightning.data import ReplayDataModule
+from dime_lightning.module import DIMEModule
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+TRAINER_DEFAULTS = {
+    "max_epochs": 1,  # one pass over the env-step iterable = data.total_env_steps
+    "enable_checkpointing": False,  # checkpoints are written by the env-step `checkpoint` callback
+    "num_sanity_val_steps": 0,
+    "limit_val_batches": 0,
+    "log_every_n_steps": 50,
+    "accelerator": "auto",
+    "devices": 1,
+}
+
+
+@dataclass
+class MLflowSettings:
+    """MLflow tracking. ``tracking_uri``: None → $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working
+    directory (embedded, no server). ``experiment_name``: None → the env id."""
+
+    enabled: bool = True
+    tracking_uri: str | None = None
+    experiment_name: str | None = None
+    run_name: str | None = None
+
+    def resolved_uri(self) -> str:
+        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+class DIMECLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.obs_dim", "model.obs_dim", apply_on="instantiate")
+        parser.link_arguments("data.action_dim", "model.action_dim", apply_on="instantiate")
+        parser.link_arguments("model.utd", "data.utd")
+        parser.link_arguments("seed_everything", "data.seed")
+        parser.add_lightning_class_args(Evaluation, "eval")
+        parser.add_lightning_class_args(TrainingMonitor, "monitor")
+        parser.add_lightning_class_args(EnvStepCheckpoint, "checkpoint")
+        parser.add_class_arguments(MLflowSettings, "mlflow")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        settings: MLflowSettings = self._get(self.config_init, "mlflow")
+        data: ReplayDataModule = self.datamodule
+        callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        if settings.enabled:
+            config["logger"] = MLFlowLogger(
+                experiment_name=settings.experiment_name or data.hparams.env_id,
+                run_name=settings.run_name,
+                tracking_uri=settings.resolved_uri(),
+            )
+            resolved = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))
+            resolved["mlflow"]["tracking_uri"] = settings.resolved_uri()
+            callbacks.append(MLflowRunInfo(resolved, yaml.safe_dump(resolved, sort_keys=False)))
+        else:
+            config["logger"] = False
+        if config.get("enable_progress_bar", True) is not False:
+            callbacks.append(EnvStepProgressBar(refresh_rate=config.pop("progress_refresh_rate", 10)))
+        return self._instantiate_trainer(config, callbacks)
+
+
+def build_cli(args: list[str] | None = None) -> DIMECLI:
+    """Parse, validate and instantiate everything (no training). Bad input raises SystemExit with a message."""
+    try:
+        return DIMECLI(
+            DIMEModule,
+            ReplayDataModule,
+            trainer_defaults=TRAINER_DEFAULTS,
+            seed_everything_default=0,
+            save_config_callback=None,  # replaced by MLflowRunInfo (the stock one breaks on non-file URIs)
+            parser_kwargs={"description": __doc__},
+            args=args,
+            run=False,
+        )
+    except (ValueError, TypeError) as err:  # raised by constructors: ranges, env ids, missing extras
+        sys.stderr.write(f"dime_lightning.fit: error: {err}\n")
+        raise SystemExit(2) from err
+
+
+def main(args: list[str] | None = None) -> None:
+    cli = build_cli(args)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""``DIMEModule``: DIME's update schedule as a Lightning module with manual optimization (ALGORITHM.md §4).
+
+One ``training_step`` = one env step: ``utd`` critic updates, and after every ``policy_delay``-th critic update
+(counted globally) an actor update, a temperature update and the target-actor refresh. The networks are
+built from factories (``actor(obs_dim, action_dim)``, ``critic(obs_dim, action_dim)``) whose remaining
+arguments come from the config; the dimensions come from the env through the data module.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from dime_lightning.actor import DiffusionActor
+from dime_lightning.critic import DistributionalCritic
+from dime_lightning.data import StepBatch
+from dime_lightning.losses import actor_loss, critic_loss, temperature_loss
+from dime_lightning.optim import ACTOR_CRITIC_BETAS, adam, gradient_norm, zero_nan_and_clip_gradients_
+from dime_lightning.schedule import UpdateSchedule
+from dime_lightning.temperature import Temperature
+
+ActorFactory = Callable[[int, int], nn.Module]
+CriticFactory = Callable[[int, int], DistributionalCritic]
+TemperatureFactory = Callable[[int], Temperature]
+
+
+class DIMEModule(pl.LightningModule):
+    def __init__(
+        self,
+        obs_dim: int = 0,
+        action_dim: int = 0,
+        actor: ActorFactory = DiffusionActor,
+        critic: CriticFactory = DistributionalCritic,
+        temperature: TemperatureFactory = Temperature,
+        gamma: float = 0.99,
+        utd: int = 2,
+        policy_delay: int = 3,
+        policy_tau: float = 1.0,
+        actor_lr: float = 3e-4,
+        critic_lr: float = 3e-4,
+        betas: tuple[float, float] = ACTOR_CRITIC_BETAS,
+        actor_grad_clip: float = 1.0,
+        critic_entropy_coef: float = 0.005,
+    ) -> None:
+        super().__init__()
+        if obs_dim < 1 or action_dim < 1:
+            raise ValueError(
+                f"model.obs_dim and model.action_dim come from the env and must be >= 1, got {obs_dim}, {action_dim}"
+            )
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"model.gamma must be in [0, 1], got {gamma}")
+        if not 0.0 < policy_tau <= 1.0:
+            raise ValueError(f"model.policy_tau must be in (0, 1], got {policy_tau}")
+        for name, value in [("actor_lr", actor_lr), ("critic_lr", critic_lr), ("actor_grad_clip", actor_grad_clip)]:
+            if not value > 0:
+                raise ValueError(f"model.{name} must be > 0, got {value}")
+        self.save_hyperparameters(ignore=["actor", "critic", "temperature"], logger=False)
+        self.automatic_optimization = False
+        self.schedule = UpdateSchedule(utd, policy_delay)
+        self.actor = actor(obs_dim, action_dim)
+        self.critic = critic(obs_dim, action_dim)
+        self.temperature = temperature(action_dim)
+        # policy_tau = 1 (the reference): the target actor is refreshed to the actor after every actor update,
+        # so between refreshes it *is* the actor and no copy is kept.
+        self.target_actor = copy.deepcopy(self.actor).requires_grad_(False) if policy_tau < 1.0 else None
+        self.env_steps = 0
+        self.critic_updates = 0
+        self.actor_updates = 0
+
+    # ---- optimizers: fetched in this order in training_step -------------------------------------------------
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        hp = self.hparams
+        optimizers = [adam(self.critic.parameters(), hp.critic_lr, tuple(hp.betas)),
+                      adam(self.actor.parameters(), hp.actor_lr, tuple(hp.betas))]
+        if self.temperature.log_alpha.requires_grad:  # fixed α has nothing to optimise
+            optimizers.append(torch.optim.Adam([self.temperature.log_alpha], lr=self.temperature.lr))
+        return optimizers
+
+    # ---- the update ---------------------------------------------------------------------------------------
+    def training_step(self, batch: StepBatch, batch_idx: int) -> None:
+        self.env_steps = batch.env_steps
+        if batch.sample is None:  # random warm-up: collect only
+            return
+        critic_opt, actor_opt, *alpha_opt = self.optimizers()
+        hp = self.hparams
+        actor_metrics = None
+        for minibatch in batch.sample.unbind(0):  # (utd, B) -> utd × (B,)
+            # 1. critic (ALGORITHM.md §2.2)
+            critic_metrics = critic_loss(self.critic, self.target_actor or self.actor, minibatch,
+                                         self.temperature.alpha(), hp.gamma, hp.critic_entropy_coef)
+            critic_opt.zero_grad()
+            self.manual_backward(critic_metrics["loss_critic"])
+            critic_metrics["grad_norm_critic"] = gradient_norm(self.critic.parameters())
+            critic_opt.step()
+            self.critic_updates += 1
+            if not self.schedule.actor_due(self.critic_updates):
+                continue
+            # 2. actor, every policy_delay-th critic update, on the same minibatch (§1.7)
+            actor_metrics = actor_loss(self.actor, self.critic, minibatch["observation"], self.temperature.alpha())
+            actor_opt.zero_grad()
+            self.manual_backward(actor_metrics["loss_actor"])
+            zero_nan_and_clip_gradients_(self.actor.parameters(), hp.actor_grad_clip)
+            actor_metrics["grad_norm_actor"] = gradient_norm(self.actor.parameters())
+            actor_opt.step()
+            # 3. temperature, from the actor batch's mean running cost (§3)
+            actor_metrics.update(temperature_loss(self.temperature, actor_metrics["running_cost"]))
+            if alpha_opt:
+                alpha_opt[0].zero_grad()
+                self.manual_backward(actor_metrics["loss_alpha"])
+                alpha_opt[0].step()
+            self.refresh_target_actor()
+            self.actor_updates += 1
+        self._log_update(critic_metrics, actor_metrics)
+
+    @torch.no_grad()
+    def refresh_target_actor(self) -> None:
+        if self.target_actor is None:
+            return
+        tau = self.hparams.policy_tau
+        for target, online in zip(self.target_actor.parameters(), self.actor.parameters(), strict=True):
+            target.lerp_(online, tau)
+
+    def _log_update(self, critic_metrics, actor_metrics) -> None:
+        metrics = {f"train/{k}": v for k, v in critic_metrics.items() if k != "q_mean"}
+        metrics["train/q_mean"] = critic_metrics["q_mean"]
+        if actor_metrics is not None:
+            metrics.update({f"train/{k}": v for k, v in actor_metrics.items() if k != "q_mean"})
+            metrics["train/entropy_bound"] = -actor_metrics["log_prob"]
+            metrics.update({f"train/{k}": v for k, v in self.actor.diagnostics().items()})
+        metrics["train/alpha"] = self.temperature.alpha()
+        metrics["train/critic_updates"] = float(self.critic_updates)
+        metrics["train/actor_updates"] = float(self.actor_updates)
+        metrics["step"] = float(self.env_steps)  # Lightning uses a logged "step" as the x-axis: env steps
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+    # ---- checkpointed counters ------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dime_counters"] = {
+            "env_steps": self.env_steps, "critic_updates": self.critic_updates, "actor_updates": self.actor_updates,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        counters = checkpoint["dime_counters"]
+        self.env_steps = counters["env_steps"]
+        self.critic_updates = counters["critic_updates"]
+        self.actor_updates = counters["actor_updates"]

@@ -1,0 +1,36 @@
+"""Optimizer conventions of the reference (ALGORITHM.md §1.7, §2.2, §5).
+
+Actor and critic: Adam(lr 3e-4, β = (0.5, 0.999)). Actor gradients: NaN → 0, then each entry clipped to
+[−clip, clip] (element-wise, not global-norm). Temperature: Adam(lr 1e-3) with default betas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+ACTOR_CRITIC_BETAS = (0.5, 0.999)
+
+
+def adam(params: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float] = ACTOR_CRITIC_BETAS):
+    if not lr > 0:
+        raise ValueError(f"learning rate must be > 0, got {lr}")
+    return torch.optim.Adam([p for p in params if p.requires_grad], lr=lr, betas=betas)
+
+
+@torch.no_grad()
+def zero_nan_and_clip_gradients_(params: Iterable[torch.nn.Parameter], clip: float = 1.0) -> None:
+    """In place: NaN gradient entries → 0, then every entry clamped to [−clip, clip] (±inf → ±clip)."""
+    for p in params:
+        if p.grad is not None:
+            p.grad.nan_to_num_(nan=0.0, posinf=clip, neginf=-clip).clamp_(-clip, clip)
+
+
+@torch.no_grad()
+def gradient_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """Global L2 norm of the gradients as a detached tensor (for logging; no host sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))

@@ -1,0 +1,52 @@
+"""Automatic temperature tuning (ALGORITHM.md §3).
+
+α = exp(log α), init 1. The loss pulls a per-batch *statistic* of the actor sample towards a target:
+
+    L_α = −α · (statistic − target),    dL/dlog α = −α · (statistic − target)
+
+so α grows while the statistic exceeds the target. For DIME the statistic is the mean running cost of the
+actor batch and the target 4·D (the reference's hard-coded value; ≈ a target entropy of −1.665·D nats on the
+bound). A SAC-style actor uses statistic = mean log π and target = −(target entropy). ``mode="fixed"`` keeps α
+at ``init_alpha``: ``log_alpha`` takes no gradient and no optimizer is built for it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+TemperatureMode = Literal["auto", "fixed"]
+
+
+class Temperature(nn.Module):
+    def __init__(
+        self,
+        action_dim: int,
+        init_alpha: float = 1.0,
+        mode: TemperatureMode = "auto",
+        target: float | None = None,
+        target_per_dim: float = 4.0,
+        lr: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        if not init_alpha > 0:
+            raise ValueError(f"Temperature: init_alpha must be > 0, got {init_alpha}")
+        if mode not in ("auto", "fixed"):
+            raise ValueError(f"Temperature: mode must be 'auto' or 'fixed', got {mode!r}")
+        if not lr > 0:
+            raise ValueError(f"Temperature: lr must be > 0, got {lr}")
+        self.mode = mode
+        self.lr = lr
+        self.target = float(target) if target is not None else target_per_dim * action_dim
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(init_alpha)), requires_grad=mode == "auto")
+
+    def alpha(self) -> torch.Tensor:
+        """Current α as a detached 0-d tensor (never a Python float: no host sync)."""
+        return self.log_alpha.detach().exp()
+
+    def loss(self, statistic: torch.Tensor) -> torch.Tensor:
+        """L_α = −α·(statistic − target); ``statistic`` is detached here."""
+        return -self.log_alpha.exp() * (statistic.detach() - self.target)

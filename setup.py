@@ -1,0 +1,40 @@
+"""Packaging for dime_lightning: DIME (diffusion-based maximum-entropy RL) in PyTorch and Lightning."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="dime-lightning",
+    version="0.1.0",
+    description="DIME: diffusion-based maximum-entropy reinforcement learning with PyTorch, Lightning and TorchRL",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=find_packages(include=["dime_lightning", "dime_lightning.*"]),
+    include_package_data=True,
+    install_requires=[
+        # Install the CPU build first on machines without CUDA: `pip install torch==2.13.0`.
+        "torch>=2.5",
+        "torchrl>=0.14,<0.15",
+        "tensordict>=0.14.3,<0.15",
+        "lightning>=2.6,<2.7",
+        "jsonargparse[signatures]>=4.35",
+        "gymnasium[mujoco]>=1.0,<2",
+        "mlflow>=3.0,<4",
+        "matplotlib>=3.8",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "ruff>=0.6", "scipy>=1.11"],
+        "dmc": ["dm_control>=1.0.20"],
+    },
+    entry_points={"console_scripts": ["dime-fit=dime_lightning.fit:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3.11",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,30 @@
+"""ALGORITHM.md §8 item 11: the update-schedule counts."""
+
+import pytest
+
+from dime_lightning.schedule import UpdateSchedule
+
+
+def simulate(schedule: UpdateSchedule, env_steps: int) -> tuple[int, int, list[int]]:
+    critic_updates, actor_at = 0, []
+    for _ in range(env_steps):
+        for _ in range(schedule.utd):
+            critic_updates += 1
+            if schedule.actor_due(critic_updates):
+                actor_at.append(critic_updates)
+    return critic_updates, len(actor_at), actor_at
+
+
+def test_reference_schedule_counts():
+    schedule = UpdateSchedule(utd=2, policy_delay=3)
+    critic, actor, actor_at = simulate(schedule, 3)
+    assert (critic, actor) == (6, 2)
+    assert actor_at == [3, 6]  # the counter is global over critic updates, not per env step
+    assert schedule.counts_after(3) == (6, 2)
+    assert schedule.counts_after(1000) == simulate(schedule, 1000)[:2]
+
+
+@pytest.mark.parametrize(("utd", "delay"), [(0, 3), (2, 0)])
+def test_invalid_schedule(utd, delay):
+    with pytest.raises(ValueError, match="utd" if utd < 1 else "policy_delay"):
+        UpdateSchedule(utd=utd, policy_delay=delay)
