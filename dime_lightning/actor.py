@@ -44,17 +44,18 @@ def tanh_log_det_jacobian(pre_tanh: torch.Tensor) -> torch.Tensor:
     return (2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))).sum(-1)
 
 
-def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
+def lecun_normal_(weight: torch.Tensor, fan_in: int | None = None) -> torch.Tensor:
     """LeCun-normal init (truncated normal with variance 1/fan_in), the Flax Dense default."""
-    fan_in = weight.shape[1]
+    fan_in = weight.shape[1] if fan_in is None else fan_in
     std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # correct for truncation at ±2σ
     return nn.init.trunc_normal_(weight, std=std, a=-2.0 * std, b=2.0 * std)
 
 
-def dense(in_features: int, out_features: int) -> nn.Linear:
-    layer = nn.Linear(in_features, out_features)
-    lecun_normal_(layer.weight)
-    nn.init.zeros_(layer.bias)
+def dense(in_features: int, out_features: int, bias: bool = True, fan_in: int | None = None) -> nn.Linear:
+    layer = nn.Linear(in_features, out_features, bias=bias)
+    lecun_normal_(layer.weight, fan_in)
+    if bias:
+        nn.init.zeros_(layer.bias)
     return layer
 
 
@@ -74,8 +75,10 @@ class FourierTimeEmbedding(nn.Module):
 class ControlNetwork(nn.Module):
     """u_θ(x, s, n): the learned drift correction ("PISGRADNet"-style, ALGORITHM.md §1.4).
 
-    The step index n enters as a raw float (0..N−1). The last layer starts at the constant
-    ``last_layer_init`` so that u ≈ 0 and the initial chain is Langevin dynamics on the prior.
+    MLP on concat(x, s, time code(n)); the step index n enters as a raw float (0..N−1). The first layer is
+    stored as three blocks (x, s, time code) initialised as one LeCun-normal layer on the concatenation, so
+    the sampler can compute the s and time-code parts once per chain (``context``) instead of once per step.
+    The last layer starts at the constant ``last_layer_init``: u ≈ 0, the initial chain is Langevin on p_0.
     """
 
     def __init__(
@@ -99,20 +102,30 @@ class ControlNetwork(nn.Module):
             nn.GELU(approximate="tanh"),
             dense(time_hidden_dim, time_hidden_dim),
         )
-        layers: list[nn.Module] = []
-        width = action_dim + obs_dim + time_hidden_dim
-        for _ in range(num_layers):
-            layers += [dense(width, hidden_dim), nn.GELU(approximate="tanh")]
-            width = hidden_dim
+        fan_in = action_dim + obs_dim + time_hidden_dim
+        self.input_x = dense(action_dim, hidden_dim, fan_in=fan_in)
+        self.input_obs = dense(obs_dim, hidden_dim, bias=False, fan_in=fan_in)
+        self.input_time = dense(time_hidden_dim, hidden_dim, bias=False, fan_in=fan_in)
+        layers: list[nn.Module] = [nn.GELU(approximate="tanh")]
+        for _ in range(num_layers - 1):
+            layers += [dense(hidden_dim, hidden_dim), nn.GELU(approximate="tanh")]
         self.trunk = nn.Sequential(*layers)
-        self.head = nn.Linear(width, action_dim)
+        self.head = nn.Linear(hidden_dim, action_dim)
         nn.init.constant_(self.head.weight, last_layer_init)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, x: torch.Tensor, obs: torch.Tensor, step_index: torch.Tensor) -> torch.Tensor:
-        time_code = self.time_mlp(self.time_embedding(step_index)).expand(x.shape[0], -1)  # (B, H_t)
-        u = self.head(self.trunk(torch.cat([x, obs, time_code], dim=-1)))  # (B, D)
+    def context(self, obs: torch.Tensor, step_index: torch.Tensor) -> torch.Tensor:
+        """First-layer contribution of the state and the time code: obs (B, S), step_index (N,) -> (N, B, H)."""
+        time_part = self.input_time(self.time_mlp(self.time_embedding(step_index)))  # (N, H)
+        return self.input_obs(obs) + time_part.unsqueeze(-2)  # (B, H) + (N, 1, H) -> (N, B, H)
+
+    def step(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """u for one step given that step's ``context`` (B, H): x (B, D) -> (B, D)."""
+        u = self.head(self.trunk(self.input_x(x) + context))
         return u.clamp(-self.output_clip, self.output_clip)
+
+    def forward(self, x: torch.Tensor, obs: torch.Tensor, step_index: torch.Tensor) -> torch.Tensor:
+        return self.step(x, self.context(obs, step_index.reshape(1))[0])
 
 
 class ActorOutput(NamedTuple):
@@ -219,9 +232,13 @@ class DiffusionActor(nn.Module):
         terminal_cost = (-0.5 * noise[0].pow(2) - math.log(self.prior_std) - 0.5 * LOG_2PI).sum(-1)
         log_w = torch.zeros(batch, device=obs.device, dtype=dtype)
         chain = [x]
+        control = self.control
+        steps = self.step_indices.to(dtype)
+        if control is self.control_net:  # the network: state and time parts of layer 1 once per chain
+            context = control.context(obs, steps)  # (N, B, H)
         for n in range(self.num_steps):
             eta_n = eta[n]
-            u = self.control(x, obs, self.step_indices[n].to(dtype))
+            u = control.step(x, context[n]) if control is self.control_net else control(x, obs, steps[n])
             x_next = x + eta_n * (u - x * inv_var0) + torch.sqrt(2.0 * eta_n) * noise[n + 1]
             backward_mean = x_next * (1.0 - eta_n * inv_var0)
             # log B(x_n | x_{n+1}) − log F(x_{n+1} | x_n): the normalisers cancel (same variance 2η_n), and

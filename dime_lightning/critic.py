@@ -131,13 +131,18 @@ def project_distribution(
 ) -> torch.Tensor:
     """C51 projection of mass ``probs`` sitting at ``shifted_support`` onto linspace(v_min, v_max, K).
 
-    ``shifted_support`` (..., K) is clipped to [v_min, v_max]; each atom's mass is split between its two grid
-    neighbours in proportion to closeness (the triangular kernel max(0, 1 − |b − j|) with b = (Tz − v_min)/Δz).
-    An atom that falls exactly on a grid point keeps all of its mass there, including at both ends of the
-    support, so rows always sum to the input mass. (..., K) -> (..., K).
+    ``shifted_support`` (..., K) is clipped to [v_min, v_max]; an atom at fractional grid position
+    b = (Tz − v_min)/Δz sends (1 − frac(b)) of its mass to ⌊b⌋ and frac(b) to ⌊b⌋ + 1. An atom exactly on a
+    grid point (frac = 0), including both ends of the support, keeps all of its mass there, so rows always
+    sum to the input mass (the reference's index nudging gives the same result). ``shifted_support`` may
+    omit leading dims of ``probs`` (it is broadcast). (..., K) -> (..., K).
     """
     delta = (v_max - v_min) / (num_atoms - 1)
-    b = (shifted_support.clamp(v_min, v_max) - v_min) / delta  # (..., K) fractional grid positions
-    grid = torch.arange(num_atoms, device=probs.device, dtype=probs.dtype)  # (K,)
-    weights = (1.0 - (b.unsqueeze(-1) - grid).abs()).clamp_min(0.0)  # (..., K_src, K_dst)
-    return (probs.unsqueeze(-2) @ weights).squeeze(-2)  # (..., 1, K_src) @ (..., K_src, K_dst) -> (..., K_dst)
+    b = ((shifted_support.clamp(v_min, v_max) - v_min) / delta).expand_as(probs)  # (..., K) in [0, K − 1]
+    lower = b.floor().clamp_(max=num_atoms - 1)
+    upper_weight = b - lower  # frac(b)
+    lower_index = lower.long()
+    upper_index = (lower_index + 1).clamp_(max=num_atoms - 1)  # frac = 0 whenever this clamp is active
+    out = torch.zeros_like(probs)
+    out.scatter_add_(-1, lower_index, probs * (1.0 - upper_weight))
+    return out.scatter_add_(-1, upper_index, probs * upper_weight)

@@ -49,7 +49,37 @@ class MLflowSettings:
         return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def _config_files(argv: list[str]) -> list[str]:
+    files = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+    return files + [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+
+
 class DIMECLI(LightningCLI):
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse as LightningCLI does; on a parse error, also name the config file that causes it."""
+        try:
+            super().parse_arguments(parser, args)
+        except SystemExit as exit_:
+            argv = list(args) if isinstance(args, list | tuple) else sys.argv[1:]
+            culprit = self._failing_config_file(parser, argv) if exit_.code else None
+            if culprit is not None:
+                sys.stderr.write(f"dime_lightning.fit: error: the problem above is in the config file {culprit}\n")
+            raise
+
+    @staticmethod
+    def _failing_config_file(parser: LightningArgumentParser, argv: list[str]) -> str | None:
+        """The first --config file that fails to parse on its own (over the defaults), if any."""
+        parser.exit_on_error = False
+        try:
+            for path in _config_files(argv):
+                try:
+                    parser.parse_args(["--config", path])
+                except Exception:  # any parse failure points at this file
+                    return path
+        finally:
+            parser.exit_on_error = True
+        return None
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.obs_dim", "model.obs_dim", apply_on="instantiate")
         parser.link_arguments("data.action_dim", "model.action_dim", apply_on="instantiate")

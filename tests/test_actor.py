@@ -208,7 +208,7 @@ def test_gradients_match_finite_differences():
     actor.zero_grad()
     _fixed_noise_objective(actor, obs, noise).backward()
     checks = [(actor.dt_param, ()), (actor.friction_param, (0,)), (actor.friction_param, (1,)),
-              (actor.control_net.head.weight, (1, 3)), (actor.control_net.trunk[0].weight, (2, 1)),
+              (actor.control_net.head.weight, (1, 3)), (actor.control_net.input_obs.weight, (2, 1)), (actor.control_net.input_x.weight, (0, 1)),
               (actor.control_net.time_embedding.phase, (0,))]
     for param, index in checks:
         numeric = _finite_difference(actor, param, index, obs, noise)
@@ -239,3 +239,21 @@ def test_fixed_noise_is_deterministic_and_act_matches_forward_distribution():
     torch.manual_seed(8)
     acted = actor.act(obs[:1].expand(5000, 2))
     assert torch.equal(sampled.detach(), acted)
+
+
+def test_network_fast_path_equals_the_control_contract():
+    """The sampler's per-chain context precompute gives exactly control(x, obs, n) at every step."""
+    torch.manual_seed(9)
+    actor = DiffusionActor(4, 3, hidden_dim=32, time_features=8, time_hidden_dim=16).double()
+    with torch.no_grad():
+        actor.control_net.head.weight.normal_(0.0, 0.5)
+    obs = torch.randn(8, 4, dtype=torch.float64)
+    noise = torch.randn(actor.num_steps + 1, 8, 3, dtype=torch.float64)
+    fast = actor(obs, noise=noise)
+    net = actor.control_net
+    actor.control = lambda x, o, n: net(x, o, n)  # the public contract, one call per step
+    slow = actor(obs, noise=noise)
+    assert torch.allclose(fast.log_prob, slow.log_prob, atol=1e-12)
+    assert torch.allclose(fast.action, slow.action, atol=1e-12)
+    actor.control = net  # a module restores the network path
+    assert actor.control is actor.control_net

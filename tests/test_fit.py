@@ -1,0 +1,130 @@
+"""The fit entry point: configs parse, a smoke fit through the real CLI, and bad input fails fast."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+
+from dime_lightning.fit import build_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+TASK_CONFIGS = sorted(p for p in CONF.glob("*.yaml") if p.name != "smoke.yaml")
+HAS_DMC = importlib.util.find_spec("dm_control") is not None
+
+
+def run_fit(tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "dime_lightning.fit", *args,
+               "--mlflow.tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+               "--checkpoint.dirpath", str(tmp_path / "ckpt"), "--trainer.enable_progress_bar", "false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("config", TASK_CONFIGS, ids=lambda p: p.stem)
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["--config", str(config), "--config", str(CONF / "smoke.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["data"]["env_id"]
+    critic = resolved["model"]["critic"]["init_args"]
+    expected = 200.0 if resolved["data"]["env_id"].startswith("dm_control/") else 1600.0
+    if config.stem != "pendulum":
+        assert (critic["v_min"], critic["v_max"]) == (-expected, expected)
+        task_file = yaml.safe_load(config.read_text())
+        assert task_file["model"]["critic"]["init_args"]["hidden_dims"] == [2048, 2048]  # paper size in the task file
+    assert "obs_dim" not in yaml.safe_load(config.read_text())["model"]  # dimensions come from the env
+
+
+def test_pendulum_smoke_fit_through_the_real_cli(tmp_path):
+    result = run_fit(tmp_path, "--config", str(CONF / "pendulum.yaml"), "--config", str(CONF / "smoke.yaml"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["Pendulum-v1"])
+    assert len(runs) == 1 and runs.status[0] == "FINISHED"
+    client = mlflow.MlflowClient()
+    run_id = runs.run_id[0]
+    eval_steps = [m.step for m in client.get_metric_history(run_id, "eval/return_mean")]
+    assert eval_steps == [150, 300]  # x-axis = env steps (eval every 150 in smoke.yaml)
+    loss_steps = [m.step for m in client.get_metric_history(run_id, "train/loss_critic")]
+    assert loss_steps and min(loss_steps) > 100 and max(loss_steps) <= 300  # after learning_starts, in env steps
+    assert client.get_metric_history(run_id, "train/episode_return")
+    params = client.get_run(run_id).data.params
+    assert params["data.env_id"] == "Pendulum-v1" and params["model.utd"] == "2" and "version.torch" in params
+    artifacts = {a.path for a in client.list_artifacts(run_id)} | {
+        a.path for a in client.list_artifacts(run_id, "checkpoints")}
+    assert {"config.yaml", "checkpoints/final.ckpt", "checkpoints/last.ckpt"} <= artifacts
+    # the reference schedule: 2 critic updates per learning env step, an actor update every 3rd
+    checkpoint = torch.load(tmp_path / "ckpt" / "final.ckpt", weights_only=False, map_location="cpu")
+    assert checkpoint["dime_counters"] == {"env_steps": 300, "critic_updates": 400, "actor_updates": 133}
+    assert checkpoint["hyper_parameters"]["obs_dim"] == 3
+
+
+def test_ant_paper_config_runs_end_to_end_with_smoke_overlay(tmp_path):
+    result = run_fit(tmp_path, "--config", str(CONF / "ant.yaml"), "--config", str(CONF / "smoke.yaml"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "ckpt" / "final.ckpt", weights_only=False, map_location="cpu")
+    assert checkpoint["hyper_parameters"]["obs_dim"] == 105 and checkpoint["hyper_parameters"]["action_dim"] == 8
+
+
+BASE = ["--config", str(CONF / "pendulum.yaml"), "--config", str(CONF / "smoke.yaml")]
+BAD_INPUTS = {
+    "wrong type": (["--data.batch_size", "abc"], "batch_size"),
+    "v_min >= v_max": (["--model.critic.v_min", "10", "--model.critic.v_max", "5"], "v_min"),
+    "num_steps < 1": (["--model.actor.num_steps", "0"], "num_steps"),
+    "batch_size < 1": (["--data.batch_size", "0"], "batch_size"),
+    "utd < 1": (["--model.utd", "0"], "utd"),
+    "negative learning rate": (["--model.actor_lr", "-0.001"], "actor_lr"),
+    "negative temperature lr": (["--model.temperature.lr", "-1"], "lr"),
+    "total < learning_starts": (["--data.total_env_steps", "50"], "total_env_steps"),
+    "unknown env id": (["--data.env_id", "NoSuchEnv-v3"], "unknown env id 'NoSuchEnv-v3'"),
+    "unknown nested key": (["--model.actor.num_stepz", "3"], "num_stepz"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_fails_fast_with_a_clear_message(case, tmp_path, monkeypatch, capsys):
+    extra, message = BAD_INPUTS[case]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli([*BASE, *extra])
+    assert exit_info.value.code not in (0, None)
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_unknown_key_in_a_config_file_names_key_and_file(tmp_path, monkeypatch, capsys):
+    overlay = tmp_path / "typo.yaml"
+    overlay.write_text("data:\n  learning_startz: 10\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli([*BASE, "--config", str(overlay)])
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert "learning_startz" in err and "typo.yaml" in err
+
+
+def test_missing_config_file_is_named(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["--config", "conf/does_not_exist.yaml"])
+    assert exit_info.value.code not in (0, None)
+    assert "does_not_exist.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(HAS_DMC, reason="dm_control is installed")
+def test_dmc_without_dm_control_says_how_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["--config", str(CONF / "dmc_dog_run.yaml"), "--config", str(CONF / "smoke.yaml")])
+    assert exit_info.value.code not in (0, None)
+    assert "pip install 'dime-lightning[dmc]'" in capsys.readouterr().err
