@@ -191,6 +191,12 @@ class DiffusionActor(nn.Module):
         self.register_buffer("step_profile", cosine_step_profile(num_steps, schedule_s, schedule_min))
         self.register_buffer("step_indices", torch.arange(num_steps, dtype=torch.float32))
 
+    def __setattr__(self, name: str, value) -> None:
+        if name == "control":  # nn.Module would register a module value as a child named "control"
+            type(self).control.fset(self, value)
+        else:
+            super().__setattr__(name, value)
+
     @property
     def control(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
         """u(x, obs, step_index) -> (B, D): the control network, or a callable that replaced it."""

@@ -208,7 +208,8 @@ def test_gradients_match_finite_differences():
     actor.zero_grad()
     _fixed_noise_objective(actor, obs, noise).backward()
     checks = [(actor.dt_param, ()), (actor.friction_param, (0,)), (actor.friction_param, (1,)),
-              (actor.control_net.head.weight, (1, 3)), (actor.control_net.input_obs.weight, (2, 1)), (actor.control_net.input_x.weight, (0, 1)),
+              (actor.control_net.head.weight, (1, 3)), (actor.control_net.input_obs.weight, (2, 1)),
+              (actor.control_net.input_x.weight, (0, 1)),
               (actor.control_net.time_embedding.phase, (0,))]
     for param, index in checks:
         numeric = _finite_difference(actor, param, index, obs, noise)

@@ -30,7 +30,8 @@ def test_time_limit_truncates_and_never_terminates():
     rollout = env.rollout(250, break_when_any_done=True)
     assert rollout.shape[0] == 200
     assert rollout["next", "truncated"][-1].item() and not rollout["next", "terminated"].any()
-    assert rollout["next", "episode_reward"][-1].item() == pytest.approx(rollout["next", "reward"].sum().item(), rel=1e-5)
+    episode_return = rollout["next", "reward"].sum().item()
+    assert rollout["next", "episode_reward"][-1].item() == pytest.approx(episode_return, rel=1e-5)
     env.close()
 
 
