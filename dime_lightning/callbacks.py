@@ -164,6 +164,11 @@ class EnvStepCheckpoint(Callback):
 class EnvStepProgressBar(TQDMProgressBar):
     """A tqdm bar over env steps (not batches), with the latest returns and the env-step rate."""
 
+    def get_metrics(self, trainer, pl_module) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
     def on_train_epoch_start(self, trainer, *_: Any) -> None:
         super().on_train_epoch_start(trainer)
         self.train_progress_bar.total = trainer.datamodule.hparams.total_env_steps

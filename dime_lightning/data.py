@@ -124,6 +124,7 @@ class ReplayDataModule(pl.LightningDataModule):
         policy = TensorDictModule(self._policy, in_keys=["observation"], out_keys=["action"])
         self._collector = Collector(
             make_env(hp.env_id, seed=rank_seed), policy, frames_per_batch=hp.frames_per_batch, total_frames=-1,
+            auto_register_policy_transforms=False,
         )
 
     def build_buffer(self) -> TensorDictReplayBuffer:
