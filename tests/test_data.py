@@ -31,8 +31,8 @@ def test_one_batch_per_env_step_with_warmup_then_utd_minibatches():
     sample = batches[-1].sample
     assert sample["action"].abs().max() <= 1.0  # the buffer stores [-1, 1] actions, not env units
     assert sample["next", "reward"].shape == (2, 8, 1) and sample["next", "terminated"].dtype == torch.bool
-    assert set(sample.keys(True, True)) - {"index"} == {"observation", "action", ("next", "observation"), ("next", "reward"),
-                                            ("next", "terminated")}
+    stored = {"observation", "action", ("next", "observation"), ("next", "reward"), ("next", "terminated")}
+    assert set(sample.keys(True, True)) - {"index"} == stored
     assert len(data._buffer) == 230
     episodes = data.pop_finished_episodes()
     assert [(e.env_steps, e.length) for e in episodes] == [(200, 200)]  # Pendulum truncates at 200
