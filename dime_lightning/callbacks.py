@@ -3,32 +3,24 @@
 - ``Evaluation``: stochastic-policy episodes on a separate env every ``every_env_steps`` (rank 0).
 - ``TrainingMonitor``: training-episode returns, throughput (``time/*``), and a check that logged losses
   are finite.
-- ``EnvStepCheckpoint``: ``last.ckpt`` every ``every_env_steps`` (written to a temporary file, then renamed)
-  and ``final.ckpt`` at the end, both uploaded to the MLflow run when training ends.
 - ``EnvStepProgressBar``: env steps out of the total, episode and eval returns, env steps per second.
-- ``MLflowRunInfo``: the resolved config (params + YAML artifact) and package versions.
+
+Checkpoints are in ``checkpointing.py``, MLflow run bookkeeping in ``tracking.py``.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
-from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.utilities import rank_zero_only
 from tensordict.nn import TensorDictModule
 
 from dime_lightning.data import EVAL_SEED_OFFSET
 from dime_lightning.envs import make_env
-
-LOSS_KEYS = ("train/loss_critic", "train/loss_actor", "train/loss_alpha")
 
 
 def _log(trainer: pl.Trainer, metrics: dict[str, float], env_steps: int) -> None:
@@ -50,6 +42,9 @@ class Evaluation(Callback):
         self.max_episode_steps = max_episode_steps
         self._env = None
         self._last_eval_step = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last_eval_step = pl_module.env_steps  # a resumed run does not re-evaluate at once
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if pl_module.env_steps // self.every_env_steps > self._last_eval_step // self.every_env_steps:
@@ -86,8 +81,7 @@ class Evaluation(Callback):
 
 
 class TrainingMonitor(Callback):
-    """Training-episode returns (at the env step each episode ended), env steps per second, and a stop with a
-    clear message when a logged loss is not finite."""
+    """Training-episode returns (at the env step each episode ended) and env steps per second."""
 
     def __init__(self, every_env_steps: int = 1_000) -> None:
         self.every_env_steps = every_env_steps
@@ -106,59 +100,10 @@ class TrainingMonitor(Callback):
         steps = pl_module.env_steps
         if steps - self._steps_last < self.every_env_steps:
             return
-        self._check_finite(trainer, steps)
         now = time.perf_counter()
         _log(trainer, {"time/env_steps_per_second": (steps - self._steps_last) / max(now - self._t_last, 1e-9),
                        "time/elapsed_seconds": now - self._t0}, steps)
         self._t_last, self._steps_last = now, steps
-
-    @staticmethod
-    def _check_finite(trainer: pl.Trainer, env_steps: int) -> None:
-        for key in LOSS_KEYS:
-            value = trainer.callback_metrics.get(key)
-            if value is not None and not torch.isfinite(value).all():
-                raise FloatingPointError(f"non-finite {key} = {value.item()} at env step {env_steps}")
-
-
-class EnvStepCheckpoint(Callback):
-    """``last.ckpt`` every ``every_env_steps`` env steps, ``final.ckpt`` at the end; atomic writes.
-
-    ``dirpath`` defaults to ``checkpoints/<MLflow run id>`` (or ``checkpoints/run-<time>`` without MLflow).
-    """
-
-    def __init__(self, every_env_steps: int = 50_000, dirpath: str | None = None, log_artifacts: bool = True) -> None:
-        if every_env_steps < 1:
-            raise ValueError(f"checkpoint.every_env_steps must be >= 1, got {every_env_steps}")
-        self.every_env_steps = every_env_steps
-        self.dirpath = Path(dirpath) if dirpath else None
-        self.log_artifacts = log_artifacts
-        self._last_saved = 0
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if self.dirpath is None:
-            run_id = trainer.logger.run_id if isinstance(trainer.logger, MLFlowLogger) else None
-            self.dirpath = Path("checkpoints") / (run_id or time.strftime("run-%Y%m%d-%H%M%S"))
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if pl_module.env_steps // self.every_env_steps > self._last_saved // self.every_env_steps:
-            self.save(trainer, "last.ckpt")
-            self._last_saved = pl_module.env_steps
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.save(trainer, "last.ckpt")
-        final = self.save(trainer, "final.ckpt")
-        if self.log_artifacts and trainer.global_rank == 0 and isinstance(trainer.logger, MLFlowLogger):
-            for path in (final.with_name("last.ckpt"), final):
-                trainer.logger.experiment.log_artifact(trainer.logger.run_id, str(path), "checkpoints")
-
-    def save(self, trainer: pl.Trainer, name: str) -> Path:
-        path = self.dirpath / name
-        tmp = path.with_name(f".{name}.tmp")
-        trainer.save_checkpoint(tmp)  # collective under DDP; rank 0 writes
-        if trainer.global_rank == 0:
-            os.replace(tmp, path)
-        trainer.strategy.barrier("env_step_checkpoint")
-        return path
 
 
 class EnvStepProgressBar(TQDMProgressBar):
@@ -187,36 +132,3 @@ class EnvStepProgressBar(TQDMProgressBar):
                 postfix[label] = f"{float(metrics[key]):.4g}"
         bar.set_postfix(postfix, refresh=False)
         bar.refresh()
-
-
-class MLflowRunInfo(Callback):
-    """Records the resolved config (flattened as params, and the YAML as ``config.yaml``) and package versions."""
-
-    PACKAGES = ("torch", "torchrl", "tensordict", "lightning", "gymnasium", "mujoco", "mlflow", "dm_control")
-
-    def __init__(self, config: dict[str, Any], config_yaml: str) -> None:
-        self.config = config
-        self.config_yaml = config_yaml
-
-    @rank_zero_only
-    def on_fit_start(self, trainer, pl_module) -> None:
-        logger = trainer.logger
-        if not isinstance(logger, MLFlowLogger):
-            return
-        params = dict(_flatten(self.config))
-        for package in self.PACKAGES:
-            try:
-                params[f"version.{package}"] = metadata.version(package.replace("_", "-"))
-            except metadata.PackageNotFoundError:
-                continue
-        logger.log_hyperparams(params)
-        logger.experiment.log_text(logger.run_id, self.config_yaml, "config.yaml")
-
-
-def _flatten(tree: Any, prefix: str = ""):
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from _flatten(value, f"{prefix}.{key}" if prefix else str(key))
-    else:
-        text = str(tree)
-        yield prefix, text if len(text) <= 6000 else text[:5997] + "..."

@@ -2,31 +2,40 @@
 
 ``ReplayDataModule`` owns every env and collector object (the LightningModule never does). Its iterable
 collects ``frames_per_batch`` env steps at a time with the live actor as policy (uniform random actions for
-the first ``learning_starts`` steps), writes them to the buffer and yields, per env step, ``utd`` minibatches
-of ``batch_size`` transitions stacked as a (utd, B) TensorDict. During the warm-up it yields batches with no
-sample so that counters and the progress bar keep moving.
+the first ``learning_starts`` steps) and hands the module, per env step, that step written to the buffer and
+``utd`` minibatches of ``batch_size`` transitions stacked as a (utd, B) TensorDict. During the warm-up the
+batches carry no sample, so that counters and the progress bar keep moving.
 """
 
 from __future__ import annotations
 
 import math
+import random
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModule
 from torchrl.collectors import Collector
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, TensorDictReplayBuffer
 
 from dime_lightning.envs import env_spec, make_env
+from dime_lightning.errors import NonFiniteError
 
 TRANSITION_KEYS = ("observation", "action", ("next", "observation"), ("next", "reward"), ("next", "terminated"))
 EVAL_SEED_OFFSET = 1_000_000
 RANK_SEED_OFFSET = 1_000
+
+
+class StepToken:
+    """A placeholder batch: the env step is taken when Lightning hands the batch to the module."""
 
 
 @dataclass
@@ -99,10 +108,13 @@ class ReplayDataModule(pl.LightningDataModule):
         self.obs_dim, self.action_dim = self.spec.obs_dim, self.spec.action_dim
         self.env_steps = 0  # all ranks
         self._local_steps = 0  # this rank
+        self._updates_begin_after = 0  # env steps on this rank before updates begin; set in setup
+        self.buffer_dump: str | None = None  # name of the dump the next checkpoint points to (set by it)
         self.finished_episodes: list[FinishedEpisode] = []
         self._collector: Collector | None = None
         self._buffer: TensorDictReplayBuffer | None = None
         self._policy: CollectionPolicy | None = None
+        self._pending: list[TensorDictBase] = []  # collected frames not yet consumed (frames_per_batch > 1)
 
     # ---- setup / teardown ------------------------------------------------------------------------------
     @property
@@ -118,6 +130,7 @@ class ReplayDataModule(pl.LightningDataModule):
             return
         hp = self.hparams
         rank_seed = hp.seed + RANK_SEED_OFFSET * self.rank
+        self._updates_begin_after = self._local(hp.learning_starts)
         self._buffer = self.build_buffer()
         actor = self.trainer.lightning_module.actor
         self._policy = CollectionPolicy(actor, self.action_dim, self._local(hp.learning_starts), rank_seed)
@@ -150,26 +163,39 @@ class ReplayDataModule(pl.LightningDataModule):
             self._collector = None
 
     # ---- iteration ---------------------------------------------------------------------------------------
-    def train_dataloader(self) -> Iterator[StepBatch]:
-        return self._iterate()
-
-    def _iterate(self) -> Iterator[StepBatch]:
-        hp = self.hparams
+    def train_dataloader(self) -> Iterator[StepToken]:
+        """One token per remaining env step (per rank). Lightning fetches batches one ahead, so the env step
+        itself is taken in ``on_before_batch_transfer``, when its batch is consumed: at every batch end the
+        buffer, the counters and the checkpoint agree exactly."""
         assert self._collector is not None and self._buffer is not None, "setup('fit') must run first"
-        while self.env_steps < hp.total_env_steps:
+        remaining = math.ceil((self.hparams.total_env_steps - self.env_steps) / self.world_size)
+        return (StepToken() for _ in range(max(remaining, 0)))
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> StepBatch:
+        return self.next_step() if isinstance(batch, StepToken) else batch
+
+    def next_step(self) -> StepBatch:
+        """Take one env step on this rank, store it, and sample ``utd`` minibatches (after the warm-up)."""
+        hp = self.hparams
+        if not self._pending:
             rollout = self._collector.next()  # (frames_per_batch,) transitions
-            self._buffer.extend(rollout.select(*TRANSITION_KEYS))
-            for frame in range(rollout.shape[0]):
-                self.env_steps += self.world_size
-                self._local_steps += 1
-                self._record_episode(rollout[frame])
-                if self._local_steps > self._local(hp.learning_starts):
-                    sample = self._buffer.sample().reshape(hp.utd, hp.batch_size)  # (utd·B,) -> (utd, B)
-                else:
-                    sample = None
-                yield StepBatch(sample, self.env_steps)
-                if self.env_steps >= hp.total_env_steps:
-                    return
+            self._check_finite(rollout)
+            self._pending = list(rollout.unbind(0))
+        transition = self._pending.pop(0)
+        self._buffer.add(transition.select(*TRANSITION_KEYS))
+        self.env_steps += self.world_size
+        self._local_steps += 1
+        self._record_episode(transition)
+        sample = None
+        if self._local_steps > self._updates_begin_after:
+            sample = self._buffer.sample().reshape(hp.utd, hp.batch_size)  # (utd·B,) -> (utd, B)
+        return StepBatch(sample, self.env_steps)
+
+    def _check_finite(self, rollout: TensorDictBase) -> None:
+        for key in (("next", "observation"), ("next", "reward")):
+            if not bool(torch.isfinite(rollout[key]).all()):
+                raise NonFiniteError(f"non-finite {'/'.join(key)} from env {self.hparams.env_id} "
+                                     f"at env step {self.env_steps + self.world_size}")
 
     def _record_episode(self, transition: TensorDictBase) -> None:
         if bool(transition["next", "done"].any()):
@@ -191,8 +217,50 @@ class ReplayDataModule(pl.LightningDataModule):
         return batch
 
     # ---- checkpointed state ------------------------------------------------------------------------------
+    def dump_buffer(self, directory: Path) -> None:
+        """This rank's buffer → ``directory/rank<r>`` with TorchRL's ``dumps`` (temporary folder, then rename)."""
+        target = Path(directory) / f"rank{self.rank}"
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        self._buffer.dumps(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+
     def state_dict(self) -> dict:
-        return {"env_steps": self.env_steps}
+        return {
+            "env_steps": self.env_steps,
+            "local_steps": self._local_steps,
+            "policy_steps": self._policy.steps_taken if self._policy is not None else 0,
+            "policy_rng": self._policy.generator.get_state() if self._policy is not None else None,
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(),  # noqa: NPY002 (the global state seed_everything sets)
+            "python_rng": random.getstate(),
+            "buffer_dump": self.buffer_dump,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Restore counters, RNG states and the replay buffer (setup('fit') has run: the buffer exists)."""
         self.env_steps = int(state_dict["env_steps"])
+        self._local_steps = int(state_dict["local_steps"])
+        torch.set_rng_state(state_dict["torch_rng"])
+        np.random.set_state(state_dict["numpy_rng"])  # noqa: NPY002
+        random.setstate(state_dict["python_rng"])
+        if self._policy is not None:
+            self._policy.steps_taken = int(state_dict["policy_steps"])
+            self._policy.generator.set_state(state_dict["policy_rng"])
+        if self._collector is not None:  # a fresh episode with a fresh env seed
+            self._collector.set_seed(self.hparams.seed + RANK_SEED_OFFSET * self.rank + self._local_steps)
+        self._restore_buffer(state_dict.get("buffer_dump"))
+
+    def _restore_buffer(self, dump: str | None) -> None:
+        ckpt_path = getattr(self.trainer, "ckpt_path", None)
+        source = Path(ckpt_path).parent / dump / f"rank{self.rank}" if dump and ckpt_path else None
+        if source is not None and source.is_dir():
+            self._buffer.loads(source)
+            return
+        # no buffer dump (not saved, or not beside this checkpoint): refill with `learning_starts` fresh env
+        # steps from the restored policy before updating again
+        if dump:
+            rank_zero_warn(f"replay-buffer dump {source} named by the checkpoint is missing; refilling the buffer")
+        self._updates_begin_after = self._local_steps + self._local(self.hparams.learning_starts)

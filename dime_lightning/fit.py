@@ -17,13 +17,15 @@ from typing import Any
 import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from dime_lightning.callbacks import EnvStepCheckpoint, EnvStepProgressBar, Evaluation, MLflowRunInfo, TrainingMonitor
+from dime_lightning.callbacks import EnvStepProgressBar, Evaluation, TrainingMonitor
+from dime_lightning.checkpointing import EnvStepCheckpoint, check_compatible, read_checkpoint, resolve_checkpoint
 from dime_lightning.data import ReplayDataModule
+from dime_lightning.errors import NonFiniteError
 from dime_lightning.module import DIMEModule
+from dime_lightning.tracking import DEFAULT_TRACKING_URI, DIMEMLFlowLogger, MLflowRunInfo, check_tracking_uri
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TRAINER_DEFAULTS = {
     "max_epochs": 1,  # one pass over the env-step iterable = data.total_env_steps
     "enable_checkpointing": False,  # checkpoints are written by the env-step `checkpoint` callback
@@ -33,6 +35,7 @@ TRAINER_DEFAULTS = {
     "accelerator": "auto",
     "devices": 1,
 }
+EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_SIGTERM = 2, 3, 143
 
 
 @dataclass
@@ -89,21 +92,40 @@ class DIMECLI(LightningCLI):
         parser.add_lightning_class_args(TrainingMonitor, "monitor")
         parser.add_lightning_class_args(EnvStepCheckpoint, "checkpoint")
         parser.add_class_arguments(MLflowSettings, "mlflow")
+        parser.add_argument(
+            "--ckpt_path", type=str | None, default=None,
+            help="resume: 'last' (newest last.ckpt), a checkpoint file, or an MLflow run id",
+        )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         settings: MLflowSettings = self._get(self.config_init, "mlflow")
         data: ReplayDataModule = self.datamodule
+        checkpointer: EnvStepCheckpoint = self._get(self.config_init, "checkpoint")
         callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        uri = settings.resolved_uri()
         if settings.enabled:
-            config["logger"] = MLFlowLogger(
+            check_tracking_uri(uri)
+        run_id, self.resume_path = None, None
+        ckpt_path = self._get(self.config, "ckpt_path")
+        if ckpt_path:
+            dirpath = str(checkpointer.dirpath) if checkpointer.dirpath else None
+            self.resume_path = resolve_checkpoint(ckpt_path, dirpath, uri)
+            checkpoint = read_checkpoint(self.resume_path)
+            check_compatible(checkpoint, self.resume_path, data.obs_dim, data.action_dim)
+            run_id = checkpoint.get("mlflow", {}).get("run_id")
+            checkpointer.dirpath = checkpointer.dirpath or self.resume_path.parent  # keep writing beside it
+            del checkpoint
+        if settings.enabled:
+            config["logger"] = DIMEMLFlowLogger(
                 experiment_name=settings.experiment_name or data.hparams.env_id,
                 run_name=settings.run_name,
-                tracking_uri=settings.resolved_uri(),
+                tracking_uri=uri,
+                run_id=run_id,
             )
             resolved = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))
-            resolved["mlflow"]["tracking_uri"] = settings.resolved_uri()
-            callbacks.append(MLflowRunInfo(resolved, yaml.safe_dump(resolved, sort_keys=False)))
+            resolved["mlflow"]["tracking_uri"] = uri
+            callbacks.append(MLflowRunInfo(resolved, yaml.safe_dump(resolved, sort_keys=False), resumed=bool(run_id)))
         else:
             config["logger"] = False
         if config.get("enable_progress_bar", True) is not False:
@@ -124,14 +146,22 @@ def build_cli(args: list[str] | None = None) -> DIMECLI:
             args=args,
             run=False,
         )
-    except (ValueError, TypeError) as err:  # raised by constructors: ranges, env ids, missing extras
+    except (ValueError, TypeError) as err:  # constructors, env ids, extras, checkpoints, tracking URI
         sys.stderr.write(f"dime_lightning.fit: error: {err}\n")
-        raise SystemExit(2) from err
+        raise SystemExit(EXIT_BAD_INPUT) from err
 
 
 def main(args: list[str] | None = None) -> None:
     cli = build_cli(args)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_path, weights_only=False)
+    except SIGTERMException as err:
+        sys.stderr.write("dime_lightning.fit: stopped by SIGTERM (checkpoint written, MLflow run KILLED)\n")
+        raise SystemExit(EXIT_SIGTERM) from err
+    except NonFiniteError as err:
+        sys.stderr.write(f"dime_lightning.fit: error: {err} (the last good checkpoint is kept; the MLflow run "
+                         "is FAILED)\n")
+        raise SystemExit(EXIT_NONFINITE) from err
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -19,6 +19,7 @@ from torch import nn
 from dime_lightning.actor import DiffusionActor
 from dime_lightning.critic import DistributionalCritic
 from dime_lightning.data import StepBatch
+from dime_lightning.errors import NonFiniteError
 from dime_lightning.losses import actor_loss, critic_loss, temperature_loss
 from dime_lightning.optim import ACTOR_CRITIC_BETAS, adam, gradient_norm, zero_nan_and_clip_gradients_
 from dime_lightning.schedule import UpdateSchedule
@@ -46,6 +47,8 @@ class DIMEModule(pl.LightningModule):
         betas: tuple[float, float] = ACTOR_CRITIC_BETAS,
         actor_grad_clip: float = 1.0,
         critic_entropy_coef: float = 0.005,
+        check_finite: bool = True,
+        nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
         if obs_dim < 1 or action_dim < 1:
@@ -54,6 +57,8 @@ class DIMEModule(pl.LightningModule):
             )
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"model.gamma must be in [0, 1], got {gamma}")
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"model.nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         if not 0.0 < policy_tau <= 1.0:
             raise ValueError(f"model.policy_tau must be in (0, 1], got {policy_tau}")
         for name, value in [("actor_lr", actor_lr), ("critic_lr", critic_lr), ("actor_grad_clip", actor_grad_clip)]:
@@ -71,6 +76,7 @@ class DIMEModule(pl.LightningModule):
         self.env_steps = 0
         self.critic_updates = 0
         self.actor_updates = 0
+        self.skipped_updates = 0
 
     # ---- optimizers: fetched in this order in training_step -------------------------------------------------
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -93,6 +99,8 @@ class DIMEModule(pl.LightningModule):
             # 1. critic (ALGORITHM.md §2.2)
             critic_metrics = critic_loss(self.critic, self.target_actor or self.actor, minibatch,
                                          self.temperature.alpha(), hp.gamma, hp.critic_entropy_coef)
+            if self._skip_nonfinite("loss_critic", critic_metrics["loss_critic"]):
+                continue
             critic_opt.zero_grad()
             self.manual_backward(critic_metrics["loss_critic"])
             critic_metrics["grad_norm_critic"] = gradient_norm(self.critic.parameters())
@@ -102,6 +110,9 @@ class DIMEModule(pl.LightningModule):
                 continue
             # 2. actor, every policy_delay-th critic update, on the same minibatch (§1.7)
             actor_metrics = actor_loss(self.actor, self.critic, minibatch["observation"], self.temperature.alpha())
+            if self._skip_nonfinite("loss_actor", actor_metrics["loss_actor"]):
+                actor_metrics = None
+                continue
             actor_opt.zero_grad()
             self.manual_backward(actor_metrics["loss_actor"])
             zero_nan_and_clip_gradients_(self.actor.parameters(), hp.actor_grad_clip)
@@ -116,6 +127,16 @@ class DIMEModule(pl.LightningModule):
             self.refresh_target_actor()
             self.actor_updates += 1
         self._log_update(critic_metrics, actor_metrics)
+
+    def _skip_nonfinite(self, name: str, loss: torch.Tensor) -> bool:
+        """With ``check_finite``: stop with a message naming the loss and env step, or (``nonfinite="skip"``)
+        skip this optimizer step and count it. One host sync per update; disable it for captured GPU updates."""
+        if not self.hparams.check_finite or bool(torch.isfinite(loss)):
+            return False
+        if self.hparams.nonfinite == "stop":
+            raise NonFiniteError(f"non-finite {name} = {loss.item()} at env step {self.env_steps}")
+        self.skipped_updates += 1
+        return True
 
     @torch.no_grad()
     def refresh_target_actor(self) -> None:
@@ -135,6 +156,7 @@ class DIMEModule(pl.LightningModule):
         metrics["train/alpha"] = self.temperature.alpha()
         metrics["train/critic_updates"] = float(self.critic_updates)
         metrics["train/actor_updates"] = float(self.actor_updates)
+        metrics["train/skipped_updates"] = float(self.skipped_updates)
         metrics["step"] = float(self.env_steps)  # Lightning uses a logged "step" as the x-axis: env steps
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
@@ -142,6 +164,7 @@ class DIMEModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dime_counters"] = {
             "env_steps": self.env_steps, "critic_updates": self.critic_updates, "actor_updates": self.actor_updates,
+            "skipped_updates": self.skipped_updates,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -149,3 +172,4 @@ class DIMEModule(pl.LightningModule):
         self.env_steps = counters["env_steps"]
         self.critic_updates = counters["critic_updates"]
         self.actor_updates = counters["actor_updates"]
+        self.skipped_updates = counters.get("skipped_updates", 0)

@@ -24,7 +24,7 @@ def make_data(**overrides) -> ReplayDataModule:
 
 def test_one_batch_per_env_step_with_warmup_then_utd_minibatches():
     data = make_data()
-    batches = list(data.train_dataloader())
+    batches = [data.on_before_batch_transfer(token, 0) for token in data.train_dataloader()]
     assert [b.env_steps for b in batches] == list(range(1, 231))
     assert all(b.sample is None for b in batches[:100])
     assert all(b.sample is not None and b.sample.batch_size == torch.Size([2, 8]) for b in batches[100:])
@@ -34,6 +34,7 @@ def test_one_batch_per_env_step_with_warmup_then_utd_minibatches():
     stored = {"observation", "action", ("next", "observation"), ("next", "reward"), ("next", "terminated")}
     assert set(sample.keys(True, True)) - {"index"} == stored
     assert len(data._buffer) == 230
+    assert list(data.train_dataloader()) == []  # nothing left once total_env_steps are collected
     episodes = data.pop_finished_episodes()
     assert [(e.env_steps, e.length) for e in episodes] == [(200, 200)]  # Pendulum truncates at 200
     assert data.pop_finished_episodes() == []
@@ -55,8 +56,8 @@ def test_collection_policy_is_uniform_during_warmup_then_the_actor():
 def collected(seed: int) -> torch.Tensor:
     torch.manual_seed(0)  # the actor's init and its sampling noise use the global RNG
     data = make_data(total_env_steps=120, seed=seed)
-    for _ in data.train_dataloader():
-        pass
+    for token in data.train_dataloader():
+        data.on_before_batch_transfer(token, 0)
     stored = data._buffer[:120]
     data.teardown("fit")
     return torch.cat([stored["observation"], stored["action"]], dim=-1)

@@ -1,0 +1,180 @@
+"""Kill-safe checkpoints in env steps, and finding the checkpoint to resume from.
+
+Layout of ``checkpoint.dirpath`` (default ``checkpoints/<MLflow run id>``)::
+
+    step-0000050000.ckpt        Lightning checkpoint: networks, optimizers, temperature, counters, RNG states,
+                                MLflow run id, and the name of its replay-buffer dump
+    step-0000050000.buffer/     TorchRL ``ReplayBuffer.dumps`` of each rank's buffer (rank0/, rank1/, …)
+    last.ckpt                   hard link to the newest step checkpoint (the publish point)
+    final.ckpt                  hard link to the checkpoint written when training ends
+
+Order of writes: buffer dump into a temporary folder → rename; checkpoint into a temporary file → rename;
+``last.ckpt`` re-linked atomically; only then are checkpoints beyond the ``keep`` newest deleted. A kill at
+any moment leaves the previous ``last.ckpt`` and everything it points to intact.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+STEP_PATTERN = re.compile(r"step-(\d+)\.ckpt")
+RUN_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+REQUIRED_KEYS = ("state_dict", "dime_counters", "hyper_parameters")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be found, read or used with this config."""
+
+
+def _link_atomically(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.link(source, tmp)
+    os.replace(tmp, target)
+
+
+class EnvStepCheckpoint(Callback):
+    """Checkpoint every ``every_env_steps`` env steps, at the end of training, and on Ctrl-C / SIGTERM.
+
+    ``keep`` bounds the number of step checkpoints (and buffer dumps) kept on disk; ``save_buffer`` dumps
+    the replay buffer beside each checkpoint (large for million-transition buffers: without it a resumed run
+    refills its buffer with ``learning_starts`` fresh env steps before updating again).
+    """
+
+    def __init__(
+        self,
+        every_env_steps: int = 50_000,
+        dirpath: str | None = None,
+        keep: int = 2,
+        save_buffer: bool = True,
+        log_artifacts: bool = True,
+    ) -> None:
+        if every_env_steps < 1:
+            raise ValueError(f"checkpoint.every_env_steps must be >= 1, got {every_env_steps}")
+        if keep < 1:
+            raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
+        self.every_env_steps = every_env_steps
+        self.dirpath = Path(dirpath) if dirpath else None
+        self.keep = keep
+        self.save_buffer = save_buffer
+        self.log_artifacts = log_artifacts
+        self._last_saved = 0
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.dirpath is None:
+            run_id = trainer.logger.run_id if isinstance(trainer.logger, MLFlowLogger) else None
+            default = Path("checkpoints") / (run_id or time.strftime("run-%Y%m%d-%H%M%S"))
+            self.dirpath = Path(trainer.strategy.broadcast(str(default)))  # rank 0 knows the run id
+        if trainer.global_rank == 0:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last_saved = pl_module.env_steps  # a resumed run does not re-save at once
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.env_steps // self.every_env_steps > self._last_saved // self.every_env_steps:
+            self.save(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        path = self.dirpath / f"step-{pl_module.env_steps:010d}.ckpt"
+        if self._last_saved != pl_module.env_steps or not path.is_file():
+            path = self.save(trainer, pl_module)
+        if trainer.global_rank != 0:
+            return
+        final = self.dirpath / "final.ckpt"
+        _link_atomically(path, final)
+        if self.log_artifacts and isinstance(trainer.logger, MLFlowLogger):
+            for artifact in (self.dirpath / "last.ckpt", final):
+                trainer.logger.experiment.log_artifact(trainer.logger.run_id, str(artifact), "checkpoints")
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt | SIGTERMException) and self.dirpath is not None:
+            path = self.save(trainer, pl_module)
+            print(f"\nStopped at env step {pl_module.env_steps}; checkpoint {path}. "
+                  "Resume with the same config and --ckpt_path last", flush=True)
+
+    def save(self, trainer, pl_module) -> Path:
+        stem = f"step-{pl_module.env_steps:010d}"
+        data = trainer.datamodule
+        data.buffer_dump = None
+        if self.save_buffer:
+            buffer_dir = self.dirpath / f"{stem}.buffer"
+            data.dump_buffer(buffer_dir)  # each rank writes its own shard, atomically
+            data.buffer_dump = buffer_dir.name
+        path = self.dirpath / f"{stem}.ckpt"
+        tmp = self.dirpath / f".{stem}.ckpt.tmp"
+        trainer.save_checkpoint(tmp, weights_only=False)  # collective under DDP; rank 0 writes
+        if trainer.global_rank == 0:
+            os.replace(tmp, path)
+            _link_atomically(path, self.dirpath / "last.ckpt")
+            self._prune()
+        trainer.strategy.barrier("env_step_checkpoint")
+        self._last_saved = pl_module.env_steps
+        return path
+
+    def _prune(self) -> None:
+        steps = sorted((int(m.group(1)), p) for p in self.dirpath.glob("step-*.ckpt")
+                       if (m := STEP_PATTERN.fullmatch(p.name)))
+        for _, old in steps[: -self.keep]:
+            old.unlink(missing_ok=True)  # last.ckpt / final.ckpt are hard links: their data stays
+            shutil.rmtree(old.with_suffix(".buffer"), ignore_errors=True)
+
+
+def resolve_checkpoint(ckpt_path: str, dirpath: str | None, tracking_uri: str | None = None) -> Path:
+    """``last`` (the newest ``last.ckpt`` under ``dirpath``, else under ``checkpoints/``), a file path, or an
+    MLflow run id (its local ``checkpoints/<id>/last.ckpt``, else the run's ``checkpoints/last.ckpt`` artifact)."""
+    if ckpt_path == "last":
+        roots = [Path(dirpath)] if dirpath else list(Path("checkpoints").glob("*"))
+        candidates = [root / "last.ckpt" for root in roots if (root / "last.ckpt").is_file()]
+        if not candidates:
+            where = dirpath or "checkpoints/*"
+            raise CheckpointError(f"--ckpt_path last: no last.ckpt found in {where}")
+        return max(candidates, key=lambda p: p.stat().st_mtime)
+    path = Path(ckpt_path)
+    if path.is_file():
+        return path
+    if RUN_ID_PATTERN.fullmatch(ckpt_path):
+        local = Path(dirpath or "checkpoints") / ckpt_path / "last.ckpt"
+        if local.is_file():
+            return local
+        try:
+            import mlflow
+
+            return Path(mlflow.artifacts.download_artifacts(
+                run_id=ckpt_path, artifact_path="checkpoints/last.ckpt", tracking_uri=tracking_uri))
+        except Exception as err:
+            raise CheckpointError(f"--ckpt_path {ckpt_path}: no local {local} and no checkpoint artifact in "
+                                  f"MLflow run {ckpt_path} ({type(err).__name__}: {err})") from err
+    raise CheckpointError(f"--ckpt_path {ckpt_path}: not 'last', an existing file, or an MLflow run id")
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load (memory-mapped) and sanity-check a checkpoint; a clear error for corrupt or foreign files."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read (corrupt or truncated?): "
+                              f"{type(err).__name__}: {err}") from err
+    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in REQUIRED_KEYS):
+        raise CheckpointError(f"checkpoint {path} is not a dime_lightning checkpoint (missing {REQUIRED_KEYS})")
+    return checkpoint
+
+
+def check_compatible(checkpoint: dict[str, Any], path: Path, obs_dim: int, action_dim: int) -> None:
+    hparams = checkpoint["hyper_parameters"]
+    saved = (hparams.get("obs_dim"), hparams.get("action_dim"))
+    if saved != (obs_dim, action_dim):
+        raise CheckpointError(
+            f"checkpoint {path} was trained with observation/action sizes {saved}, but this config's env gives "
+            f"{(obs_dim, action_dim)}: resume with the config of the run that wrote it"
+        )

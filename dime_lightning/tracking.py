@@ -1,0 +1,143 @@
+"""MLflow tracking: the embedded default, the run record, resuming the same run, and its final status.
+
+- ``check_tracking_uri``: fail fast (before training) on an invalid or unreachable tracking URI.
+- ``DIMEMLFlowLogger``: Lightning's ``MLFlowLogger`` that can continue an existing run without duplicate or
+  backwards steps, and whose final status can be set to KILLED.
+- ``MLflowRunInfo``: the resolved config (params + ``config.yaml``), package versions, and the run's status on
+  an exception: KILLED for Ctrl-C / SIGTERM, FAILED with the error as a tag otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class TrackingError(ValueError):
+    """The MLflow tracking URI cannot be used."""
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Open the tracking store once (no retries) so that a bad URI fails before any training starts."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.parent.exists():
+            raise TrackingError(f"MLflow tracking URI {uri!r}: directory {path.parent} does not exist")
+    elif uri.startswith("file:") or "://" not in uri:
+        raise TrackingError(
+            f"MLflow tracking URI {uri!r}: the file store is not supported by MLflow 3.13+; "
+            "use sqlite:///mlflow.db (the default) or an http(s):// server"
+        )
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
+    try:
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as err:  # mlflow raises many types for unreachable or malformed stores
+        raise TrackingError(f"MLflow tracking URI {uri!r} is not usable: {type(err).__name__}: {err}") from err
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class DIMEMLFlowLogger(MLFlowLogger):
+    """``MLFlowLogger`` that continues ``run_id`` when given: the run goes back to RUNNING, and each metric
+    drops values at steps it already has, so a resumed run's history stays strictly increasing (the values
+    logged between the last checkpoint and a crash are kept, the replayed ones dropped)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.final_status: str | None = None
+        self._logged_until: dict[str, int] | None = None if kwargs.get("run_id") is None else {}
+
+    @property
+    def experiment(self):
+        client = super().experiment
+        if self._logged_until == {} and self._run_id is not None:
+            self._logged_until = self._last_steps(client)
+            client.update_run(self._run_id, status="RUNNING")
+        return client
+
+    def _last_steps(self, client) -> dict[str, int]:
+        keys = client.get_run(self._run_id).data.metrics.keys()
+        return {key: max((m.step for m in client.get_metric_history(self._run_id, key)), default=-1) for key in keys}
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self._logged_until and step is not None:
+            metrics = {k: v for k, v in metrics.items() if step > self._logged_until.get(k, -1)}
+            if not metrics:
+                return
+        super().log_metrics(metrics, step)
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        super().finalize(self.final_status or status)
+
+
+class MLflowRunInfo(Callback):
+    """Records the resolved config (flattened as params, and the YAML as ``config.yaml``) and package versions
+    once per run, and the run's status when training ends by an exception."""
+
+    PACKAGES = ("torch", "torchrl", "tensordict", "lightning", "gymnasium", "mujoco", "mlflow", "dm_control")
+
+    def __init__(self, config: dict[str, Any], config_yaml: str, resumed: bool = False) -> None:
+        self.config = config
+        self.config_yaml = config_yaml
+        self.resumed = resumed
+
+    @rank_zero_only
+    def on_fit_start(self, trainer, pl_module) -> None:
+        logger = trainer.logger
+        if not isinstance(logger, MLFlowLogger):
+            return
+        if self.resumed:  # params are immutable in MLflow: a resumed run keeps the ones it started with
+            logger.experiment.log_text(logger.run_id, self.config_yaml, f"config-resume-{pl_module.env_steps}.yaml")
+            return
+        params = dict(_flatten(self.config))
+        for package in self.PACKAGES:
+            try:
+                params[f"version.{package}"] = metadata.version(package.replace("_", "-"))
+            except metadata.PackageNotFoundError:
+                continue
+        logger.log_hyperparams(params)
+        logger.experiment.log_text(logger.run_id, self.config_yaml, "config.yaml")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        logger = trainer.logger
+        if isinstance(logger, MLFlowLogger):
+            checkpoint["mlflow"] = {"run_id": logger.run_id, "experiment_id": logger.experiment_id}
+
+    @rank_zero_only
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        logger = trainer.logger
+        if not isinstance(logger, DIMEMLFlowLogger):
+            return
+        if isinstance(exception, KeyboardInterrupt | SIGTERMException):
+            logger.final_status = "KILLED"
+        else:
+            logger.final_status = "FAILED"
+            message = f"{type(exception).__name__}: {exception}"
+            logger.experiment.set_tag(logger.run_id, "error", message[:5000])
+
+
+def _flatten(tree: Any, prefix: str = ""):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _flatten(value, f"{prefix}.{key}" if prefix else str(key))
+    else:
+        text = str(tree)
+        yield prefix, text if len(text) <= 6000 else text[:5997] + "..."
