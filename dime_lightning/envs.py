@@ -2,7 +2,8 @@
 
 Accepted ids:
 - any registered Gymnasium id with a bounded continuous (Box) action space, e.g. the MuJoCo v5 tasks
-  ``HalfCheetah-v5``, ``Hopper-v5``, ``Walker2d-v5``, ``Ant-v5``, ``Humanoid-v5`` or ``Pendulum-v1``;
+  ``HalfCheetah-v5``, ``Hopper-v5``, ``Walker2d-v5``, ``Ant-v5``, ``Humanoid-v5`` or ``Pendulum-v1``, also as
+  ``module:EnvName-vN`` for an env that ``module`` registers on import (Gymnasium's convention);
 - DeepMind Control Suite tasks as ``dm_control/<domain>-<task>`` (e.g. ``dm_control/dog-run``), which need
   the ``dmc`` extra (``pip install 'dime-lightning[dmc]'``).
 
@@ -14,6 +15,7 @@ terminate), and the running episode return in ``episode_reward``.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -75,8 +77,14 @@ def check_env_id(env_id: str) -> None:
         return
     import gymnasium
 
+    module, _, name = env_id.rpartition(":")
+    if module:  # "package.module:EnvName-v0": importing the module registers the env
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise EnvIdError(f"env id {env_id!r}: cannot import module {module!r} ({err})") from err
     try:
-        gymnasium.spec(env_id)
+        gymnasium.spec(name)
     except gymnasium.error.Error as err:
         raise EnvIdError(f"unknown env id {env_id!r} ({err}); accepted: {ACCEPTED_FORMS}") from err
 

@@ -1,0 +1,208 @@
+"""Never lose a run: SIGKILL + resume, SIGTERM, non-finite stops, bad checkpoints and tracking URIs, determinism."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+
+from dime_lightning.fit import build_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ["--config", str(ROOT / "conf" / "pendulum.yaml"), "--config", str(ROOT / "conf" / "smoke.yaml")]
+
+
+def fit_command(tmp_path: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "dime_lightning.fit", *BASE, *args,
+            "--mlflow.tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--checkpoint.dirpath", str(tmp_path / "ckpt"), "--trainer.enable_progress_bar", "false"]
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+
+
+def start(tmp_path: Path, *args: str) -> subprocess.Popen:
+    log = open(tmp_path / f"log-{time.time_ns()}.txt", "w")  # noqa: SIM115 (closed with the process)
+    return subprocess.Popen(fit_command(tmp_path, *args), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                            env=environment())
+
+
+def run(tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(fit_command(tmp_path, *args), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=timeout, env=environment())
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, "the run ended before writing a checkpoint"
+        assert time.monotonic() < deadline, f"{path} not written in {timeout}s"
+        time.sleep(0.2)
+
+
+def only_run(tmp_path: Path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert len(runs) == 1, f"expected one MLflow run, found {len(runs)}"
+    return runs.iloc[0]
+
+
+def assert_histories_strictly_increasing(run_id: str) -> None:
+    client = mlflow.MlflowClient()
+    keys = client.get_run(run_id).data.metrics.keys()
+    assert "eval/return_mean" in keys and "train/loss_critic" in keys
+    for key in keys:
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert all(a < b for a, b in zip(steps, steps[1:], strict=False)), f"{key}: steps {steps}"
+
+
+def load_buffer(directory: Path) -> TensorDictReplayBuffer:
+    buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(10_000))
+    buffer.loads(directory / "rank0")
+    return buffer
+
+
+def kill_and_resume(tmp_path: Path, delay: float) -> None:
+    total = 600
+    process = start(tmp_path, "--data.total_env_steps", str(total))
+    wait_for(tmp_path / "ckpt" / "last.ckpt", process)
+    time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    checkpoint_file = (tmp_path / "ckpt" / "last.ckpt").resolve()
+    saved = torch.load(checkpoint_file, weights_only=False, map_location="cpu")
+    saved_steps = saved["dime_counters"]["env_steps"]
+    saved_buffer = load_buffer(tmp_path / "ckpt" / saved["ReplayDataModule"]["buffer_dump"])
+    assert len(saved_buffer) == saved_steps  # the dump holds exactly the checkpointed transitions
+    kept = tmp_path / "kept.buffer"
+    shutil.copytree(tmp_path / "ckpt" / saved["ReplayDataModule"]["buffer_dump"], kept)
+
+    result = run(tmp_path, "--data.total_env_steps", str(total), "--ckpt_path", "last")
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = torch.load(tmp_path / "ckpt" / "final.ckpt", weights_only=False, map_location="cpu")
+    counters = final["dime_counters"]
+    assert counters["env_steps"] == total
+    assert counters["critic_updates"] == 2 * (total - 100)  # no update lost or repeated across the kill
+    assert counters["actor_updates"] == 2 * (total - 100) // 3
+    final_buffer = load_buffer(tmp_path / "ckpt" / final["ReplayDataModule"]["buffer_dump"])
+    assert len(final_buffer) == total
+    restored = load_buffer(kept)[:saved_steps]
+    assert torch.equal(final_buffer[:saved_steps]["observation"], restored["observation"])
+    assert torch.equal(final_buffer[:saved_steps]["action"], restored["action"])
+    row = only_run(tmp_path)  # the same MLflow run continued
+    assert row.status == "FINISHED"
+    assert final["mlflow"]["run_id"] == saved["mlflow"]["run_id"] == row.run_id
+    assert_histories_strictly_increasing(row.run_id)
+
+
+def test_sigkill_after_first_checkpoint_then_resume(tmp_path):
+    kill_and_resume(tmp_path, delay=1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sigkill_at_random_points_then_resume(tmp_path, seed):
+    kill_and_resume(tmp_path, delay=random.Random(seed).uniform(0.0, 6.0))
+
+
+def test_sigterm_writes_a_checkpoint_and_marks_the_run_killed(tmp_path):
+    process = start(tmp_path, "--data.total_env_steps", "5000")
+    wait_for(tmp_path / "ckpt" / "last.ckpt", process)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 143
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert checkpoint["dime_counters"]["env_steps"] > 150  # written at the stop, not the periodic one
+    assert only_run(tmp_path).status == "KILLED"
+
+
+def test_nonfinite_reward_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path):
+    result = run(tmp_path, "--data.env_id", "nan_env:NaNRewardPendulum-v0", "--data.total_env_steps", "400")
+    assert result.returncode == 3
+    assert "non-finite next/reward" in result.stderr and "env step 151" in result.stderr
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert checkpoint["dime_counters"]["env_steps"] == 150
+    row = only_run(tmp_path)
+    assert row.status == "FAILED" and "non-finite next/reward" in row["tags.error"]
+
+
+def test_same_seed_gives_identical_losses_on_cpu(tmp_path):
+    histories = []
+    for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
+        folder = tmp_path / name
+        folder.mkdir()
+        result = run(folder, "--seed_everything", str(seed), "--data.total_env_steps", "200",
+                     "--trainer.log_every_n_steps", "1")
+        assert result.returncode == 0, result.stderr[-3000:]
+        client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+        run_id = client.search_runs(client.search_experiments()[0].experiment_id)[0].info.run_id
+        histories.append([m.value for m in client.get_metric_history(run_id, "train/loss_critic")])
+    assert len(histories[0]) >= 100
+    assert histories[0] == histories[1]
+    assert histories[0] != histories[2]
+
+
+# ---- bad input around checkpoints and tracking: one clear message, non-zero exit, nothing written --------
+def resume_error(tmp_path: Path, monkeypatch, capsys, *args: str) -> str:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli([*BASE, *args])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_truncated_checkpoint(tmp_path, monkeypatch, capsys):
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    err = resume_error(tmp_path, monkeypatch, capsys, "--ckpt_path", str(broken))
+    assert "broken.ckpt cannot be read" in err
+
+
+def test_foreign_checkpoint(tmp_path, monkeypatch, capsys):
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    err = resume_error(tmp_path, monkeypatch, capsys, "--ckpt_path", str(foreign))
+    assert "not a dime_lightning checkpoint" in err
+
+
+def test_checkpoint_from_an_incompatible_config(tmp_path, monkeypatch, capsys):
+    other = tmp_path / "hopper.ckpt"
+    torch.save({"state_dict": {}, "dime_counters": {}, "hyper_parameters": {"obs_dim": 11, "action_dim": 3}}, other)
+    err = resume_error(tmp_path, monkeypatch, capsys, "--ckpt_path", str(other))
+    assert "(11, 3)" in err and "(3, 1)" in err
+
+
+@pytest.mark.parametrize("ckpt_path", ["last", "does/not/exist.ckpt", "0123456789abcdef0123456789abcdef"])
+def test_missing_checkpoint(tmp_path, monkeypatch, capsys, ckpt_path):
+    err = resume_error(tmp_path, monkeypatch, capsys, "--ckpt_path", ckpt_path)
+    assert f"--ckpt_path {ckpt_path}" in err
+    assert not (tmp_path / "mlflow.db").exists() or ckpt_path != "last"
+
+
+@pytest.mark.parametrize(("uri", "message"), [
+    ("file:./mlruns", "file store is not supported"),
+    ("sqlite:///no/such/dir/mlflow.db", "does not exist"),
+    ("http://127.0.0.1:9", "is not usable"),
+])
+def test_invalid_tracking_uri(tmp_path, monkeypatch, capsys, uri, message):
+    err = resume_error(tmp_path, monkeypatch, capsys, "--mlflow.tracking_uri", uri)
+    assert message in err
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_invalid_yaml(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    err = resume_error(tmp_path, monkeypatch, capsys, "--config", str(bad))
+    assert "bad.yaml" in err
