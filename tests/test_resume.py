@@ -33,9 +33,9 @@ def environment() -> dict[str, str]:
 
 
 def start(tmp_path: Path, *args: str) -> subprocess.Popen:
-    log = open(tmp_path / f"log-{time.time_ns()}.txt", "w")  # noqa: SIM115 (closed with the process)
-    return subprocess.Popen(fit_command(tmp_path, *args), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                            env=environment())
+    with open(tmp_path / f"log-{time.time_ns()}.txt", "w") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(fit_command(tmp_path, *args), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                env=environment())
 
 
 def run(tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
