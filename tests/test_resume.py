@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import shutil
@@ -64,7 +65,7 @@ def assert_histories_strictly_increasing(run_id: str) -> None:
     assert "eval/return_mean" in keys and "train/loss_critic" in keys
     for key in keys:
         steps = [m.step for m in client.get_metric_history(run_id, key)]
-        assert all(a < b for a, b in zip(steps, steps[1:], strict=False)), f"{key}: steps {steps}"
+        assert all(a < b for a, b in itertools.pairwise(steps)), f"{key}: steps {steps}"
 
 
 def load_buffer(directory: Path) -> TensorDictReplayBuffer:
