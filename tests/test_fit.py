@@ -65,7 +65,8 @@ def test_pendulum_smoke_fit_through_the_real_cli(tmp_path):
     assert {"config.yaml", "checkpoints/final.ckpt", "checkpoints/last.ckpt"} <= artifacts
     # the reference schedule: 2 critic updates per learning env step, an actor update every 3rd
     checkpoint = torch.load(tmp_path / "ckpt" / "final.ckpt", weights_only=False, map_location="cpu")
-    assert checkpoint["dime_counters"] == {"env_steps": 300, "critic_updates": 400, "actor_updates": 133}
+    assert checkpoint["dime_counters"] == {"env_steps": 300, "critic_updates": 400, "actor_updates": 133,
+                                           "skipped_updates": 0}
     assert checkpoint["hyper_parameters"]["obs_dim"] == 3
 
 
