@@ -130,6 +130,17 @@ class EnvStepCheckpoint(Callback):
             shutil.rmtree(old.with_suffix(".buffer"), ignore_errors=True)
 
 
+class ConfigInCheckpoint(Callback):
+    """Stores the resolved config in every checkpoint (``checkpoint["dime_config"]``), so that a policy can be
+    rebuilt from the checkpoint file alone (``analysis.load_policy``)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dime_config"] = self.config
+
+
 def resolve_checkpoint(ckpt_path: str, dirpath: str | None, tracking_uri: str | None = None) -> Path:
     """``last`` (the newest ``last.ckpt`` under ``dirpath``, else under ``checkpoints/``), a file path, or an
     MLflow run id (its local ``checkpoints/<id>/last.ckpt``, else the run's ``checkpoints/last.ckpt`` artifact)."""

@@ -4,6 +4,7 @@ Accepted ids:
 - any registered Gymnasium id with a bounded continuous (Box) action space, e.g. the MuJoCo v5 tasks
   ``HalfCheetah-v5``, ``Hopper-v5``, ``Walker2d-v5``, ``Ant-v5``, ``Humanoid-v5`` or ``Pendulum-v1``, also as
   ``module:EnvName-vN`` for an env that ``module`` registers on import (Gymnasium's convention);
+- the multimodal toy tasks ``MultimodalBandit-v0`` and ``MultiGoal-v0`` (``toy_envs.py``);
 - DeepMind Control Suite tasks as ``dm_control/<domain>-<task>`` (e.g. ``dm_control/dog-run``), which need
   the ``dmc`` extra (``pip install 'dime-lightning[dmc]'``).
 
@@ -30,10 +31,13 @@ from torchrl.envs import (
     TransformedEnv,
 )
 
+from dime_lightning.toy_envs import register_toy_envs
+
 DMC_PREFIX = "dm_control/"
 ACCEPTED_FORMS = (
     "a Gymnasium id with a continuous Box action space (e.g. 'Pendulum-v1', 'HalfCheetah-v5', 'Hopper-v5', "
-    "'Walker2d-v5', 'Ant-v5', 'Humanoid-v5') or 'dm_control/<domain>-<task>' (e.g. 'dm_control/dog-run')"
+    "'Walker2d-v5', 'Ant-v5', 'Humanoid-v5', 'MultimodalBandit-v0', 'MultiGoal-v0') or "
+    "'dm_control/<domain>-<task>' (e.g. 'dm_control/dog-run')"
 )
 
 
@@ -77,6 +81,7 @@ def check_env_id(env_id: str) -> None:
         return
     import gymnasium
 
+    register_toy_envs()
     module, _, name = env_id.rpartition(":")
     if module:  # "package.module:EnvName-v0": importing the module registers the env
         try:

@@ -20,7 +20,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dime_lightning.callbacks import EnvStepProgressBar, Evaluation, TrainingMonitor
-from dime_lightning.checkpointing import EnvStepCheckpoint, check_compatible, read_checkpoint, resolve_checkpoint
+from dime_lightning.checkpointing import (
+    ConfigInCheckpoint,
+    EnvStepCheckpoint,
+    check_compatible,
+    read_checkpoint,
+    resolve_checkpoint,
+)
 from dime_lightning.data import ReplayDataModule
 from dime_lightning.errors import NonFiniteError
 from dime_lightning.module import DIMEModule
@@ -116,6 +122,9 @@ class DIMECLI(LightningCLI):
             run_id = checkpoint.get("mlflow", {}).get("run_id")
             checkpointer.dirpath = checkpointer.dirpath or self.resume_path.parent  # keep writing beside it
             del checkpoint
+        resolved = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))
+        resolved["mlflow"]["tracking_uri"] = uri
+        callbacks.append(ConfigInCheckpoint(resolved))
         if settings.enabled:
             config["logger"] = DIMEMLFlowLogger(
                 experiment_name=settings.experiment_name or data.hparams.env_id,
@@ -123,8 +132,6 @@ class DIMECLI(LightningCLI):
                 tracking_uri=uri,
                 run_id=run_id,
             )
-            resolved = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))
-            resolved["mlflow"]["tracking_uri"] = uri
             callbacks.append(MLflowRunInfo(resolved, yaml.safe_dump(resolved, sort_keys=False), resumed=bool(run_id)))
         else:
             config["logger"] = False

@@ -1,0 +1,178 @@
+"""Look inside a trained policy: load it, sample its action distribution, follow the denoising chain, plot.
+
+The notebooks in ``notebooks/`` are thin wrappers around these functions (so tests reach the logic)::
+
+    policy = load_policy("checkpoints/<run id>/final.ckpt")        # or an MLflow run id
+    actions = sample_actions(policy.actor, obs, n=2000)            # (n, D) squashed actions in [-1, 1]
+    chain = denoising_chain(policy.actor, obs, n=500)              # (N+1, n, D) x_0 (noise) .. x_N (pre-tanh)
+    plot_pairwise_density(actions, dims=(0, 1)); plot_chain(chain)
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from tensordict.nn import TensorDictModule
+from torch import nn
+
+from dime_lightning.checkpointing import read_checkpoint, resolve_checkpoint
+from dime_lightning.envs import make_env
+from dime_lightning.toy_envs import BANDIT_MODES, GOAL_RADIUS, GOALS, mode_coverage
+
+
+@dataclass
+class LoadedPolicy:
+    actor: nn.Module
+    env_id: str
+    config: dict[str, Any]
+    counters: dict[str, int]
+    path: Path
+
+    @property
+    def label(self) -> str:
+        return type(self.actor).__name__.replace("TanhGaussianActor", "Gaussian").replace("DiffusionActor", "DIME")
+
+
+def _import(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_policy(source: str | Path, tracking_uri: str | None = None, device: str = "cpu") -> LoadedPolicy:
+    """Rebuild the actor of a checkpoint file, ``last`` or an MLflow run id (see ``--ckpt_path``)."""
+    path = resolve_checkpoint(str(source), None, tracking_uri)
+    if path.is_dir():
+        path = path / "final.ckpt"
+    checkpoint = read_checkpoint(path)
+    config = checkpoint.get("dime_config")
+    if config is None:
+        raise ValueError(f"checkpoint {path} has no stored config (written by an older version?)")
+    spec = config["model"]["actor"]
+    hparams = checkpoint["hyper_parameters"]
+    actor = _import(spec["class_path"])(hparams["obs_dim"], hparams["action_dim"], **spec.get("init_args", {}))
+    state = {k[len("actor."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("actor.")}
+    actor.load_state_dict(state)
+    actor.to(device).eval()
+    return LoadedPolicy(actor, config["data"]["env_id"], config, dict(checkpoint["dime_counters"]), path)
+
+
+def _as_batch(obs: Any, n: int, actor: nn.Module) -> torch.Tensor:
+    device = next(actor.parameters()).device
+    obs = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=device).reshape(-1)
+    return obs.expand(n, obs.shape[0])  # (obs_dim,) -> (n, obs_dim)
+
+
+@torch.no_grad()
+def sample_actions(actor: nn.Module, obs: Any, n: int = 2000, seed: int = 0) -> np.ndarray:
+    """``n`` squashed actions (n, D) for one observation."""
+    torch.manual_seed(seed)
+    return actor(_as_batch(obs, n, actor)).action.cpu().numpy()
+
+
+@torch.no_grad()
+def denoising_chain(actor: nn.Module, obs: Any, n: int = 500, seed: int = 0) -> np.ndarray:
+    """The chain x_0 (prior noise) … x_N (pre-tanh action) for ``n`` samples at one observation: (N+1, n, D)."""
+    torch.manual_seed(seed)
+    return actor(_as_batch(obs, n, actor), return_trajectory=True).trajectory.cpu().numpy()
+
+
+@torch.no_grad()
+def entropy_terms(actor: nn.Module, obs: Any, n: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Mean running cost, terminal cost, log π̂ and the entropy bound −E[log π̂] at one observation."""
+    torch.manual_seed(seed)
+    out = actor(_as_batch(obs, n, actor))
+    return {"running_cost": out.running_cost.mean().item(), "terminal_cost": out.terminal_cost.mean().item(),
+            "log_prob": out.log_prob.mean().item(), "entropy_bound": -out.log_prob.mean().item()}
+
+
+def bandit_coverage(actions: np.ndarray, radius: float = 0.25) -> np.ndarray:
+    """Fraction of MultimodalBandit actions within ``radius`` of each of the 4 optimal actions."""
+    return mode_coverage(actions[:, :2], BANDIT_MODES, radius)
+
+
+@torch.no_grad()
+def multigoal_final_positions(actor: nn.Module, episodes: int = 100, seed: int = 0) -> np.ndarray:
+    """End positions (episodes, 2) of stochastic MultiGoal-v0 rollouts."""
+    torch.manual_seed(seed)
+    env = make_env("MultiGoal-v0", seed=seed)
+    device = next(actor.parameters()).device
+    policy = TensorDictModule(lambda obs: actor.act(obs.to(device)).cpu(), ["observation"], ["action"])
+    finals = [env.rollout(1000, policy, break_when_any_done=True)["next", "observation"][-1].numpy()
+              for _ in range(episodes)]
+    env.close()
+    return np.stack(finals)
+
+
+def goal_coverage(final_positions: np.ndarray) -> np.ndarray:
+    return mode_coverage(final_positions, GOALS, GOAL_RADIUS)
+
+
+# ---- plots --------------------------------------------------------------------------------------------------
+def plot_marginals(actions: np.ndarray, label: str = "", axes=None, bins: int = 60):
+    """One histogram per action dimension (density over [-1, 1])."""
+    dims = actions.shape[-1]
+    if axes is None:
+        _, axes = plt.subplots(1, dims, figsize=(3 * dims, 2.6), squeeze=False)
+        axes = axes[0]
+    for d, ax in enumerate(axes):
+        ax.hist(actions[:, d], bins=bins, range=(-1, 1), density=True, alpha=0.6, label=label or None)
+        ax.set_xlabel(f"action[{d}]")
+        ax.set_ylabel("density")
+        if label:
+            ax.legend(fontsize=8)
+    return axes
+
+
+def plot_pairwise_density(actions: np.ndarray, dims: tuple[int, int] = (0, 1), ax=None, title: str = "",
+                          marks: np.ndarray | None = None, bins: int = 80):
+    """2-D histogram of two action dimensions; ``marks`` (M, 2) are drawn as crosses (e.g. the optimal actions)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 4))
+    ax.hist2d(actions[:, dims[0]], actions[:, dims[1]], bins=bins, range=[[-1, 1], [-1, 1]], cmap="viridis")
+    if marks is not None:
+        ax.scatter(marks[:, 0], marks[:, 1], marker="x", c="red", s=60, label="optimal")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xlabel(f"action[{dims[0]}]")
+    ax.set_ylabel(f"action[{dims[1]}]")
+    ax.set_aspect("equal")
+    ax.set_title(title)
+    return ax
+
+
+def plot_chain(chain: np.ndarray, dims: tuple[int, int] = (0, 1), snapshots: int = 5, squash: bool = True,
+               axes=None):
+    """Scatter of the samples at ``snapshots`` steps from noise (step 0) to action (step N), tanh-squashed."""
+    steps = np.linspace(0, chain.shape[0] - 1, snapshots).round().astype(int)
+    if axes is None:
+        _, axes = plt.subplots(1, snapshots, figsize=(3 * snapshots, 3), squeeze=False)
+        axes = axes[0]
+    points = np.tanh(chain) if squash else chain
+    limit = 1.05 if squash else float(np.abs(chain).max())
+    for ax, step in zip(axes, steps, strict=True):
+        y = points[step, :, dims[1]] if chain.shape[-1] > 1 else np.zeros(chain.shape[1])
+        ax.scatter(points[step, :, dims[0]], y, s=3, alpha=0.4)
+        ax.set_xlim(-limit, limit)
+        ax.set_ylim(-limit, limit)
+        ax.set_aspect("equal")
+        ax.set_title(f"step {step}" + (" (noise)" if step == 0 else " (action)" if step == chain.shape[0] - 1 else ""))
+        ax.set_xlabel(("tanh " if squash else "") + f"x[{dims[0]}]")
+    axes[0].set_ylabel(("tanh " if squash else "") + f"x[{dims[1]}]")
+    return axes
+
+
+def plot_side_by_side(samples: dict[str, np.ndarray], dims: tuple[int, int] = (0, 1),
+                      marks: np.ndarray | None = None, suptitle: str = ""):
+    """Pairwise densities of several policies (e.g. {"DIME": …, "Gaussian": …}) in one figure."""
+    fig, axes = plt.subplots(1, len(samples), figsize=(4.2 * len(samples), 4.2), squeeze=False)
+    for ax, (label, actions) in zip(axes[0], samples.items(), strict=True):
+        plot_pairwise_density(actions, dims, ax=ax, title=label, marks=marks)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,81 @@
+"""``TanhGaussianActor``: the SAC-style Gaussian policy with DIME's actor contract, for A/B comparisons.
+
+Swapping ``model.actor`` to this class (``--config conf/gaussian.yaml``) keeps everything else identical:
+the distributional critic, the update schedule and the temperature machinery. Its ``log_prob`` is the exact
+log-density of the squashed Gaussian, reported as ``running_cost`` (``terminal_cost`` = 0), so the
+temperature's statistic is the mean log π and ``Temperature(target_per_dim=1.0)`` is SAC's target entropy
+−|A|.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dime_lightning.actor import ActorOutput, tanh_log_det_jacobian
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+class TanhGaussianActor(nn.Module):
+    """a = tanh(μ(s) + σ(s)·ε), ε ~ N(0, I); an MLP with ``num_layers`` ReLU layers outputs μ and log σ."""
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        hidden_dim: int = 256,
+        num_layers: int = 2,
+        log_std_min: float = -20.0,
+        log_std_max: float = 2.0,
+    ) -> None:
+        super().__init__()
+        for name, value in [("obs_dim", obs_dim), ("action_dim", action_dim), ("hidden_dim", hidden_dim),
+                            ("num_layers", num_layers)]:
+            if value < 1:
+                raise ValueError(f"TanhGaussianActor: {name} must be >= 1, got {value}")
+        if not log_std_min < log_std_max:
+            raise ValueError(f"TanhGaussianActor: log_std_min must be < log_std_max, got {log_std_min}, {log_std_max}")
+        self.obs_dim = obs_dim
+        self.action_dim = action_dim
+        self.log_std_min, self.log_std_max = log_std_min, log_std_max
+        layers: list[nn.Module] = []
+        width = obs_dim
+        for _ in range(num_layers):
+            layers += [nn.Linear(width, hidden_dim), nn.ReLU()]
+            width = hidden_dim
+        self.trunk = nn.Sequential(*layers)
+        self.head = nn.Linear(width, 2 * action_dim)
+
+    def distribution_parameters(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.head(self.trunk(obs)).chunk(2, dim=-1)  # (B, 2D) -> 2 × (B, D)
+        return mean, log_std.clamp(self.log_std_min, self.log_std_max)
+
+    def forward(
+        self, obs: torch.Tensor, return_trajectory: bool = False, noise: torch.Tensor | None = None
+    ) -> ActorOutput:
+        """One reparameterised sample per state. ``noise`` (1, B, D) fixes ε; the "trajectory" is (μ, x)."""
+        mean, log_std = self.distribution_parameters(obs)
+        eps = torch.randn_like(mean) if noise is None else noise[0]
+        x = mean + log_std.exp() * eps
+        log_prob = (-0.5 * eps.pow(2) - log_std - 0.5 * LOG_2PI).sum(-1) - tanh_log_det_jacobian(x)
+        return ActorOutput(
+            action=torch.tanh(x),
+            log_prob=log_prob,
+            running_cost=log_prob,
+            terminal_cost=torch.zeros_like(log_prob),
+            pre_tanh=x,
+            trajectory=torch.stack([mean, x]) if return_trajectory else None,
+        )
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        if obs.dim() == 1:
+            return self.forward(obs.unsqueeze(0)).action.squeeze(0)
+        return self.forward(obs).action
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        return {}
