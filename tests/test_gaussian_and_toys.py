@@ -1,0 +1,85 @@
+"""TanhGaussianActor contract, the multimodal toy tasks, and their mode-coverage measures."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dime_lightning.actor import DiffusionActor, tanh_log_det_jacobian
+from dime_lightning.envs import make_env
+from dime_lightning.gaussian import TanhGaussianActor
+from dime_lightning.toy_envs import BANDIT_MODES, GOALS, bandit_reward, mode_coverage
+
+
+def test_gaussian_actor_has_the_diffusion_actor_contract():
+    torch.manual_seed(0)
+    gaussian, diffusion = TanhGaussianActor(5, 3, hidden_dim=16), DiffusionActor(5, 3, hidden_dim=16)
+    obs = torch.randn(7, 5)
+    for actor in (gaussian, diffusion):
+        out = actor(obs, return_trajectory=True)
+        assert out.action.shape == out.pre_tanh.shape == (7, 3)
+        assert out.log_prob.shape == out.running_cost.shape == out.terminal_cost.shape == (7,)
+        assert out.action.abs().max() < 1 and out.trajectory.shape[1:] == (7, 3)
+        assert actor.act(obs[0]).shape == (3,) and isinstance(actor.diagnostics(), dict)
+    assert torch.equal(gaussian(obs).terminal_cost, torch.zeros(7))
+
+
+def test_gaussian_log_prob_is_the_exact_squashed_density():
+    torch.manual_seed(1)
+    actor = TanhGaussianActor(2, 2, hidden_dim=8).double()
+    obs = torch.randn(4, 2, dtype=torch.float64)
+    noise = torch.randn(1, 4, 2, dtype=torch.float64)
+    out = actor(obs, noise=noise)
+    mean, log_std = actor.distribution_parameters(obs)
+    normal = torch.distributions.Normal(mean, log_std.exp())
+    expected = normal.log_prob(out.pre_tanh).sum(-1) - tanh_log_det_jacobian(out.pre_tanh)
+    assert torch.allclose(out.log_prob, expected)
+    assert torch.allclose(out.running_cost, out.log_prob)
+
+
+def test_gaussian_entropy_estimate_matches_the_analytic_entropy_before_squashing():
+    torch.manual_seed(2)
+    actor = TanhGaussianActor(1, 2, hidden_dim=8)
+    obs = torch.zeros(100_000, 1)
+    with torch.no_grad():
+        out = actor(obs)
+        _, log_std = actor.distribution_parameters(obs[:1])
+    pre_squash_entropy = -(out.log_prob + tanh_log_det_jacobian(out.pre_tanh)).mean().item()
+    analytic = (0.5 * math.log(2 * math.pi * math.e) + log_std).sum().item()
+    assert pre_squash_entropy == pytest.approx(analytic, abs=0.02)
+
+
+def test_bandit_has_four_equal_peaks_and_one_step_episodes():
+    assert np.allclose(bandit_reward(BANDIT_MODES), 1.0)
+    assert bandit_reward(np.zeros(2)) < 1e-3
+    env = make_env("MultimodalBandit-v0", seed=0)
+    rollout = env.rollout(5)
+    assert rollout.shape[0] == 1 and bool(rollout["next", "terminated"].all())
+    env.close()
+
+
+def test_multigoal_reaching_a_goal_terminates_with_the_bonus():
+    from dime_lightning.toy_envs import MultiGoal
+
+    env = MultiGoal()
+    obs, _ = env.reset(seed=0)
+    rewards, terminated = [], False
+    for _ in range(30):  # full speed towards the goal at (+2, 0)
+        obs, reward, terminated, _, _ = env.step(np.array([1.0, 0.0], dtype=np.float32))
+        rewards.append(reward)
+        if terminated:
+            break
+    assert terminated and rewards[-1] > 5.0 and all(r < 0 for r in rewards[:-1])
+    assert np.linalg.norm(obs - GOALS[0]) <= 0.25
+    rollout = make_env("MultiGoal-v0", seed=0).rollout(100)  # random actions: the 30-step limit truncates
+    assert rollout.shape[0] == 30 and bool(rollout["next", "truncated"][-1])
+
+
+def test_mode_coverage_counts_points_near_each_mode():
+    points = np.concatenate([np.repeat(BANDIT_MODES[:1], 60, 0), np.repeat(BANDIT_MODES[2:3], 30, 0),
+                             np.zeros((10, 2))])
+    coverage = mode_coverage(points, BANDIT_MODES, radius=0.25)
+    assert np.allclose(coverage, [0.6, 0.0, 0.3, 0.0])
