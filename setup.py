@@ -29,7 +29,7 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.6", "scipy>=1.11"],
+        "dev": ["pytest>=8", "ruff>=0.6", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         "dmc": ["dm_control>=1.0.20"],
     },
     entry_points={"console_scripts": ["dime-fit=dime_lightning.fit:main"]},

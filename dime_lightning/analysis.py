@@ -176,3 +176,28 @@ def plot_side_by_side(samples: dict[str, np.ndarray], dims: tuple[int, int] = (0
         fig.suptitle(suptitle)
     fig.tight_layout()
     return fig
+
+
+# ---- quick training for the notebooks -------------------------------------------------------------------------
+def train_policy(configs: list[str | Path], workdir: str | Path, *overrides: str, tracking_uri: str | None = None,
+                 timeout: float | None = None) -> Path:
+    """Train through the real CLI (``python -m dime_lightning.fit``) in a subprocess; returns ``final.ckpt``.
+
+    ``configs`` are YAML files applied in order; ``overrides`` are extra ``--key value`` arguments.
+    """
+    import subprocess
+    import sys
+    import time as _time
+
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    dirpath = workdir / f"run-{_time.time_ns()}"
+    uri = tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
+    config_args = [arg for config in configs for arg in ("--config", str(Path(config).resolve()))]
+    command = [sys.executable, "-m", "dime_lightning.fit", *config_args, *overrides,
+               "--mlflow.tracking_uri", uri, "--checkpoint.dirpath", str(dirpath),
+               "--trainer.enable_progress_bar", "false"]
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"training failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
+    return dirpath / "final.ckpt"
