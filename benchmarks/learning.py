@@ -112,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
+    for suite in args.suite:  # create each database and experiment once, before runs share them in parallel
+        import mlflow
+
+        client = mlflow.MlflowClient(f"sqlite:///{args.workdir.resolve() / f'{suite}.db'}")
+        if client.get_experiment_by_name(f"benchmark-{suite}") is None:
+            client.create_experiment(f"benchmark-{suite}")
     jobs = [(s, m, seed) for s in args.suite for m in args.method for seed in args.seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
         finished = list(pool.map(lambda job: run_one(*job, args.workdir.resolve(), args.tiny), jobs))

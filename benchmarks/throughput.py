@@ -1,0 +1,236 @@
+"""Throughput benchmarks: what the software costs around the algorithm (ratios, measured in one run).
+
+    python benchmarks/throughput.py                       # all, results to benchmarks/results/throughput.json
+    python benchmarks/throughput.py --only overhead --steps 300
+    python benchmarks/throughput.py --tiny                # seconds; used by the tests
+
+- ``overhead``: env steps/s of the real fit loop (CLI → Lightning → collector → buffer → update → MLflow;
+  evaluation and checkpoints off) divided by a bare loop that calls the same loss functions and optimizers on
+  the same modules with same-shaped batches drawn from a pre-filled buffer. Both on Pendulum-v1 at
+  conf/pendulum.yaml sizes, timed over the same number of learning steps.
+- ``update``: ms of updates per env step (2 critic updates + 2/3 actor and temperature update) for the
+  diffusion and the Gaussian actor, at CPU size (critic 256) and paper size (critic 2048), Ant-v5 shapes.
+- ``act``: ms per action at batch 1 and actions/s at batch 256, diffusion (16 steps) and Gaussian.
+- ``memory``: peak RSS of a process holding a full 1M-transition buffer at Ant-v5 and Humanoid-v5 shapes,
+  ``LazyTensorStorage`` (RAM) vs ``LazyMemmapStorage`` (files; its size on disk reported too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from tensordict import TensorDict
+
+from dime_lightning.actor import DiffusionActor
+from dime_lightning.critic import DistributionalCritic
+from dime_lightning.gaussian import TanhGaussianActor
+from dime_lightning.losses import actor_loss, critic_loss, temperature_loss
+from dime_lightning.optim import adam, zero_nan_and_clip_gradients_
+from dime_lightning.schedule import UpdateSchedule
+from dime_lightning.temperature import Temperature
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {"Ant-v5": (105, 8), "Humanoid-v5": (348, 17)}
+
+
+def random_batch(obs_dim: int, action_dim: int, batch: int) -> TensorDict:
+    return TensorDict({
+        "observation": torch.randn(batch, obs_dim), "action": torch.rand(batch, action_dim) * 2 - 1,
+        ("next", "observation"): torch.randn(batch, obs_dim), ("next", "reward"): torch.randn(batch, 1),
+        ("next", "terminated"): torch.zeros(batch, 1, dtype=torch.bool),
+    }, batch_size=[batch])
+
+
+class BareUpdater:
+    """The reference schedule without Lightning, collector or logging: the baseline of the overhead ratio."""
+
+    def __init__(self, actor, critic, temperature, utd: int = 2, policy_delay: int = 3) -> None:
+        self.actor, self.critic, self.temperature = actor, critic, temperature
+        self.schedule = UpdateSchedule(utd, policy_delay)
+        self.critic_opt, self.actor_opt = adam(critic.parameters(), 3e-4), adam(actor.parameters(), 3e-4)
+        self.alpha_opt = torch.optim.Adam([temperature.log_alpha], lr=temperature.lr)
+        self.critic_updates = 0
+
+    def env_step(self, sample: TensorDict) -> None:
+        for minibatch in sample.unbind(0):
+            loss = critic_loss(self.critic, self.actor, minibatch, self.temperature.alpha(), 0.99)["loss_critic"]
+            self.critic_opt.zero_grad()
+            loss.backward()
+            self.critic_opt.step()
+            self.critic_updates += 1
+            if self.schedule.actor_due(self.critic_updates):
+                metrics = actor_loss(self.actor, self.critic, minibatch["observation"], self.temperature.alpha())
+                self.actor_opt.zero_grad()
+                metrics["loss_actor"].backward()
+                zero_nan_and_clip_gradients_(self.actor.parameters())
+                self.actor_opt.step()
+                self.alpha_opt.zero_grad()
+                temperature_loss(self.temperature, metrics["running_cost"])["loss_alpha"].backward()
+                self.alpha_opt.step()
+
+
+def update_ms(actor, critic, obs_dim: int, action_dim: int, steps: int, batch: int = 256) -> float:
+    updater = BareUpdater(actor, critic, Temperature(action_dim))
+    sample = torch.stack([random_batch(obs_dim, action_dim, batch) for _ in range(2)])  # (utd, B)
+    updater.env_step(sample)  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        updater.env_step(sample)
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+class LearningTimer(Callback):
+    """Wall time of the fit loop over its learning steps (after the random warm-up)."""
+
+    def __init__(self, learning_starts: int) -> None:
+        self.learning_starts, self.start, self.end, self.steps = learning_starts, None, None, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.env_steps == self.learning_starts + 1:
+            self.start = time.perf_counter()  # from the end of the first learning step …
+        elif pl_module.env_steps > self.learning_starts + 1:
+            self.end, self.steps = time.perf_counter(), self.steps + 1  # … to the end of the last
+
+
+def fit_loop_steps_per_second(steps: int, workdir: Path, tiny: bool) -> float:
+    from dime_lightning.fit import build_cli
+
+    learning_starts = 300
+    configs = ["--config", str(ROOT / "conf" / "pendulum.yaml")] + (
+        ["--config", str(ROOT / "conf" / "smoke.yaml")] if tiny else [])
+    cli = build_cli([*configs, "--data.learning_starts", str(learning_starts),
+                     "--data.total_env_steps", str(learning_starts + steps + 1), "--eval.every_env_steps", "10000000",
+                     "--checkpoint.every_env_steps", "10000000", "--checkpoint.save_buffer", "false",
+                     "--checkpoint.log_artifacts", "false", "--checkpoint.dirpath", str(workdir / "ckpt"),
+                     "--mlflow.tracking_uri", f"sqlite:///{workdir / 'mlflow.db'}",
+                     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+    timer = LearningTimer(learning_starts)
+    cli.trainer.callbacks.append(timer)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return timer.steps / (timer.end - timer.start), cli
+
+
+def bare_loop_steps_per_second(cli, steps: int) -> float:
+    """Same module classes and sizes as the fit loop (fresh copies), batches from a filled TorchRL buffer."""
+    from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+
+    model, data = cli.model, cli.datamodule
+    obs_dim, action_dim, batch = data.obs_dim, data.action_dim, data.hparams.batch_size
+    buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(10_000), batch_size=2 * batch)
+    buffer.extend(random_batch(obs_dim, action_dim, 10_000))
+    import copy
+
+    updater = BareUpdater(copy.deepcopy(model.actor), copy.deepcopy(model.critic), copy.deepcopy(model.temperature))
+    updater.env_step(buffer.sample().reshape(2, batch))
+    start = time.perf_counter()
+    for _ in range(steps):
+        updater.env_step(buffer.sample().reshape(2, batch))  # (2·B,) -> (utd, B)
+    return steps / (time.perf_counter() - start)
+
+
+def acting(actor, obs_dim: int, repeats: int) -> dict[str, float]:
+    one, many = torch.randn(obs_dim), torch.randn(256, obs_dim)
+    actor.act(one)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        actor.act(one)
+    batch1_ms = (time.perf_counter() - start) / repeats * 1e3
+    start = time.perf_counter()
+    for _ in range(max(repeats // 10, 1)):
+        actor.act(many)
+    return {"ms_per_action_batch1": batch1_ms,
+            "actions_per_second_batch256": 256 * max(repeats // 10, 1) / (time.perf_counter() - start)}
+
+
+MEMORY_CHILD = """
+import resource, sys, tempfile, torch
+from torchrl.data import LazyMemmapStorage, LazyTensorStorage, TensorDictReplayBuffer
+from tensordict import TensorDict
+obs, act, size, kind = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+scratch = tempfile.mkdtemp()
+storage = LazyTensorStorage(size) if kind == "memory" else LazyMemmapStorage(size, scratch_dir=scratch)
+buffer = TensorDictReplayBuffer(storage=storage, batch_size=256)
+chunk = 50_000
+for i in range(0, size, chunk):
+    n = min(chunk, size - i)
+    buffer.extend(TensorDict({"observation": torch.randn(n, obs), "action": torch.rand(n, act),
+        ("next", "observation"): torch.randn(n, obs), ("next", "reward"): torch.randn(n, 1),
+        ("next", "terminated"): torch.zeros(n, 1, dtype=torch.bool)}, batch_size=[n]))
+buffer.sample()
+import subprocess
+disk = subprocess.run(["du", "-sm", scratch], capture_output=True, text=True).stdout.split()[0]
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, disk, flush=True)
+"""
+
+
+def memory(size: int) -> dict[str, dict[str, float]]:
+    """Peak RSS of a child process per (shape, storage); ``baseline`` is the same process with a 1-entry buffer."""
+    results = {}
+    for env_id, (obs_dim, action_dim) in {"baseline": (1, 1), **SHAPES}.items():
+        for kind in ("memory",) if env_id == "baseline" else ("memory", "memmap"):
+            size_here = 1 if env_id == "baseline" else size
+            command = [sys.executable, "-c", MEMORY_CHILD, str(obs_dim), str(action_dim), str(size_here), kind]
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+            out = out.splitlines()[-1].split()
+            results[f"{env_id}/{kind}"] = {"peak_rss_mb": float(out[0]), "disk_mb": float(out[1])}
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=["overhead", "update", "act", "memory"],
+                        default=["overhead", "update", "act", "memory"])
+    parser.add_argument("--steps", type=int, default=300, help="learning steps timed in each overhead loop")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes and counts: checks the script only")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
+    args = parser.parse_args(argv)
+    steps = 5 if args.tiny else args.steps
+    results = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+               "date": time.strftime("%Y-%m-%d"), "tiny": args.tiny}
+    if "overhead" in args.only:
+        with tempfile.TemporaryDirectory() as workdir:
+            fit_sps, cli = fit_loop_steps_per_second(steps, Path(workdir), args.tiny)
+            bare_sps = bare_loop_steps_per_second(cli, steps)
+        results["overhead"] = {"fit_loop_env_steps_per_s": fit_sps, "bare_loop_env_steps_per_s": bare_sps,
+                               "ratio": fit_sps / bare_sps, "steps": steps}
+        print("overhead", json.dumps(results["overhead"]))
+    obs_dim, action_dim = SHAPES["Ant-v5"]
+    if "update" in args.only:
+        widths = {"cpu_size_critic256": 32 if args.tiny else 256, "paper_size_critic2048": 64 if args.tiny else 2048}
+        hidden = 16 if args.tiny else 256
+        results["update"] = {}
+        for name, width in widths.items():
+            critic = DistributionalCritic(obs_dim, action_dim, hidden_dims=(width, width))
+            n = 2 if args.tiny else (20 if width <= 256 else 5)
+            dime = update_ms(DiffusionActor(obs_dim, action_dim, hidden_dim=hidden), critic, obs_dim, action_dim, n)
+            critic = DistributionalCritic(obs_dim, action_dim, hidden_dims=(width, width))
+            gauss = update_ms(TanhGaussianActor(obs_dim, action_dim, hidden_dim=hidden), critic, obs_dim, action_dim, n)
+            results["update"][name] = {"dime_ms_per_env_step": dime, "gaussian_ms_per_env_step": gauss,
+                                       "dime_over_gaussian": dime / gauss}
+            print("update", name, json.dumps(results["update"][name]))
+    if "act" in args.only:
+        repeats = 5 if args.tiny else 200
+        results["act"] = {"DIME": acting(DiffusionActor(obs_dim, action_dim), obs_dim, repeats),
+                          "Gaussian": acting(TanhGaussianActor(obs_dim, action_dim), obs_dim, repeats)}
+        print("act", json.dumps(results["act"]))
+    if "memory" in args.only:
+        results["memory"] = memory(10_000 if args.tiny else 1_000_000)
+        print("memory", json.dumps(results["memory"]))
+    results["peak_rss_mb_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

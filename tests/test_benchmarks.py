@@ -1,0 +1,40 @@
+"""Tiny versions of the benchmarks, so that the scripts cannot rot (they measure nothing here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_throughput_benchmark_tiny(tmp_path):
+    out = tmp_path / "throughput.json"
+    assert load("throughput").main(["--tiny", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["overhead"]["ratio"] > 0 and results["overhead"]["steps"] == 5
+    assert set(results["update"]) == {"cpu_size_critic256", "paper_size_critic2048"}
+    assert results["act"]["DIME"]["ms_per_action_batch1"] > 0
+    assert {"baseline/memory", "Ant-v5/memory", "Ant-v5/memmap", "Humanoid-v5/memmap"} <= set(results["memory"])
+    assert results["memory"]["Humanoid-v5/memmap"]["disk_mb"] > results["memory"]["Ant-v5/memmap"]["disk_mb"]
+
+
+def test_learning_benchmark_tiny(tmp_path):
+    results = tmp_path / "results"
+    code = load("learning").main(["--tiny", "--suite", "bandit", "--seeds", "0", "--workdir", str(tmp_path / "runs"),
+                                  "--results", str(results)])
+    assert code == 0
+    summary = json.loads((results / "bandit.json").read_text())
+    assert {r["method"] for r in summary["runs"]} == {"DIME", "Gaussian"}
+    for run in summary["runs"]:
+        assert len(run["coverage"]) == 4 and 0 <= run["modes_covered"] <= 4
+        assert run["eval_curve"] and run["eval_curve"][-1][0] == 300
+    assert (results / "bandit.png").stat().st_size > 0
