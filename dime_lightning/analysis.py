@@ -130,11 +130,15 @@ def plot_marginals(actions: np.ndarray, label: str = "", axes=None, bins: int = 
 
 
 def plot_pairwise_density(actions: np.ndarray, dims: tuple[int, int] = (0, 1), ax=None, title: str = "",
-                          marks: np.ndarray | None = None, bins: int = 80):
-    """2-D histogram of two action dimensions; ``marks`` (M, 2) are drawn as crosses (e.g. the optimal actions)."""
+                          marks: np.ndarray | None = None, gridsize: int = 30):
+    """Hexagon-binned density of two action dimensions (empty bins left white); ``marks`` (M, 2) are drawn as
+    crosses (e.g. the optimal actions)."""
     if ax is None:
         _, ax = plt.subplots(figsize=(4, 4))
-    ax.hist2d(actions[:, dims[0]], actions[:, dims[1]], bins=bins, range=[[-1, 1], [-1, 1]], cmap="viridis")
+    ax.hexbin(actions[:, dims[0]], actions[:, dims[1]], gridsize=gridsize, extent=(-1, 1, -1, 1), mincnt=1,
+              cmap="viridis")
+    ax.set_xlim(-1.05, 1.05)
+    ax.set_ylim(-1.05, 1.05)
     if marks is not None:
         ax.scatter(marks[:, 0], marks[:, 1], marker="x", c="red", s=60, label="optimal")
         ax.legend(loc="upper right", fontsize=8)
