@@ -17,7 +17,9 @@ from dime_lightning.fit import build_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-TASK_CONFIGS = sorted(p for p in CONF.glob("*.yaml") if p.name != "smoke.yaml")
+OVERLAYS = {"smoke.yaml", "gaussian.yaml"}
+TASK_CONFIGS = sorted(p for p in CONF.glob("*.yaml") if p.name not in OVERLAYS)
+PAPER_CONFIGS = {"halfcheetah", "hopper", "walker2d", "ant", "humanoid", "dmc_humanoid_run", "dmc_dog_run"}
 HAS_DMC = importlib.util.find_spec("dm_control") is not None
 
 
@@ -38,11 +40,22 @@ def test_every_config_parses(config, capsys):
     assert resolved["data"]["env_id"]
     critic = resolved["model"]["critic"]["init_args"]
     expected = 200.0 if resolved["data"]["env_id"].startswith("dm_control/") else 1600.0
-    if config.stem != "pendulum":
+    if config.stem in PAPER_CONFIGS:
         assert (critic["v_min"], critic["v_max"]) == (-expected, expected)
         task_file = yaml.safe_load(config.read_text())
         assert task_file["model"]["critic"]["init_args"]["hidden_dims"] == [2048, 2048]  # paper size in the task file
     assert "obs_dim" not in yaml.safe_load(config.read_text())["model"]  # dimensions come from the env
+
+
+def test_gaussian_overlay_switches_only_the_actor(capsys):
+    with pytest.raises(SystemExit):
+        build_cli(["--config", str(CONF / "pendulum.yaml"), "--config", str(CONF / "smoke.yaml"),
+                   "--config", str(CONF / "gaussian.yaml"), "--print_config"])
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert model["actor"]["class_path"].endswith("TanhGaussianActor")
+    assert "num_steps" not in model["actor"]["init_args"]
+    assert model["temperature"]["init_args"]["target_per_dim"] == 1.0
+    assert model["critic"]["init_args"]["hidden_dims"] == [32, 32]  # the rest is unchanged
 
 
 def test_pendulum_smoke_fit_through_the_real_cli(tmp_path):
