@@ -46,9 +46,8 @@ def _import(class_path: str) -> type:
 
 def load_policy(source: str | Path, tracking_uri: str | None = None, device: str = "cpu") -> LoadedPolicy:
     """Rebuild the actor of a checkpoint file, ``last`` or an MLflow run id (see ``--ckpt_path``)."""
-    path = resolve_checkpoint(str(source), None, tracking_uri)
-    if path.is_dir():
-        path = path / "final.ckpt"
+    source = Path(source) / "final.ckpt" if Path(source).is_dir() else source
+    path = resolve_checkpoint(str(source), None, tracking_uri).path
     checkpoint = read_checkpoint(path)
     config = checkpoint.get("dime_config")
     if config is None:

@@ -19,6 +19,8 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +89,8 @@ class EnvStepCheckpoint(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         path = self.dirpath / f"step-{pl_module.env_steps:010d}.ckpt"
-        if self._last_saved != pl_module.env_steps or not path.is_file():
+        need_save = self._last_saved != pl_module.env_steps or not path.is_file()
+        if trainer.strategy.broadcast(need_save):  # rank 0 decides: save() is collective
             path = self.save(trainer, pl_module)
         if trainer.global_rank != 0:
             return
@@ -141,31 +144,53 @@ class ConfigInCheckpoint(Callback):
         checkpoint["dime_config"] = self.config
 
 
-def resolve_checkpoint(ckpt_path: str, dirpath: str | None, tracking_uri: str | None = None) -> Path:
-    """``last`` (the newest ``last.ckpt`` under ``dirpath``, else under ``checkpoints/``), a file path, or an
-    MLflow run id (its local ``checkpoints/<id>/last.ckpt``, else the run's ``checkpoints/last.ckpt`` artifact)."""
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    path: Path  # the checkpoint file to load
+    dirpath: Path  # where the resumed run keeps writing checkpoints
+
+
+def resolve_checkpoint(
+    ckpt_path: str, dirpath: str | None, tracking_uri: str | None = None,
+    matches: Callable[[dict[str, Any]], bool] | None = None,
+) -> ResolvedCheckpoint:
+    """``last``, a file path, or an MLflow run id → the checkpoint to load and the folder to continue in.
+
+    ``last``: the newest ``last.ckpt`` under ``dirpath``, else under ``checkpoints/*`` among the runs whose stored
+    config ``matches`` (so that one seed never resumes another's run). A run id: its local
+    ``checkpoints/<id>/last.ckpt``, else its ``checkpoints/last.ckpt`` artifact (then new checkpoints go to
+    ``checkpoints/<id>``, not to the download location).
+    """
     if ckpt_path == "last":
         roots = [Path(dirpath)] if dirpath else list(Path("checkpoints").glob("*"))
-        candidates = [root / "last.ckpt" for root in roots if (root / "last.ckpt").is_file()]
+        candidates = sorted((root / "last.ckpt" for root in roots if (root / "last.ckpt").is_file()),
+                            key=lambda p: p.stat().st_mtime, reverse=True)
+        where = dirpath or "checkpoints/*"
         if not candidates:
-            where = dirpath or "checkpoints/*"
             raise CheckpointError(f"--ckpt_path last: no last.ckpt found in {where}")
-        return max(candidates, key=lambda p: p.stat().st_mtime)
+        for candidate in candidates:
+            if matches is None or dirpath or matches(read_checkpoint(candidate).get("dime_config") or {}):
+                return ResolvedCheckpoint(candidate, candidate.parent)
+        raise CheckpointError(
+            f"--ckpt_path last: none of {[str(c) for c in candidates]} was written by a run with this config's "
+            "env id, seed and actor; pass the checkpoint file or the MLflow run id instead"
+        )
     path = Path(ckpt_path)
     if path.is_file():
-        return path
+        return ResolvedCheckpoint(path, path.parent)
     if RUN_ID_PATTERN.fullmatch(ckpt_path):
-        local = Path(dirpath or "checkpoints") / ckpt_path / "last.ckpt"
-        if local.is_file():
-            return local
+        local_dir = Path(dirpath) if dirpath else Path("checkpoints") / ckpt_path
+        if (local_dir / "last.ckpt").is_file():
+            return ResolvedCheckpoint(local_dir / "last.ckpt", local_dir)
         try:
             import mlflow
 
-            return Path(mlflow.artifacts.download_artifacts(
+            downloaded = Path(mlflow.artifacts.download_artifacts(
                 run_id=ckpt_path, artifact_path="checkpoints/last.ckpt", tracking_uri=tracking_uri))
         except Exception as err:
-            raise CheckpointError(f"--ckpt_path {ckpt_path}: no local {local} and no checkpoint artifact in "
-                                  f"MLflow run {ckpt_path} ({type(err).__name__}: {err})") from err
+            raise CheckpointError(f"--ckpt_path {ckpt_path}: no local {local_dir / 'last.ckpt'} and no checkpoint "
+                                  f"artifact in MLflow run {ckpt_path} ({type(err).__name__}: {err})") from err
+        return ResolvedCheckpoint(downloaded, local_dir)
     raise CheckpointError(f"--ckpt_path {ckpt_path}: not 'last', an existing file, or an MLflow run id")
 
 

@@ -10,8 +10,10 @@ batches carry no sample, so that counters and the progress bar keep moving.
 from __future__ import annotations
 
 import math
+import os
 import random
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +117,7 @@ class ReplayDataModule(pl.LightningDataModule):
         self._buffer: TensorDictReplayBuffer | None = None
         self._policy: CollectionPolicy | None = None
         self._pending: list[TensorDictBase] = []  # collected frames not yet consumed (frames_per_batch > 1)
+        self._scratch: Path | None = None  # memmap scratch folder of this process
 
     # ---- setup / teardown ------------------------------------------------------------------------------
     @property
@@ -145,8 +148,9 @@ class ReplayDataModule(pl.LightningDataModule):
         size = self._local(hp.buffer_size)
         if hp.storage == "memmap":
             scratch = None
-            if hp.scratch_dir is not None:
-                scratch = Path(hp.scratch_dir) / f"rank{self.rank}"
+            if hp.scratch_dir is not None:  # a folder of this process's own, removed at teardown
+                self._scratch = Path(hp.scratch_dir) / f"dime-{os.getpid()}-{time.time_ns()}"
+                scratch = self._scratch / f"rank{self.rank}"
                 scratch.mkdir(parents=True, exist_ok=True)
             storage = LazyMemmapStorage(size, scratch_dir=scratch)
         else:
@@ -161,6 +165,10 @@ class ReplayDataModule(pl.LightningDataModule):
         if self._collector is not None:
             self._collector.shutdown()
             self._collector = None
+        if self._scratch is not None:
+            self._buffer = None
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
     # ---- iteration ---------------------------------------------------------------------------------------
     def train_dataloader(self) -> Iterator[StepToken]:
@@ -231,7 +239,8 @@ class ReplayDataModule(pl.LightningDataModule):
         return {
             "env_steps": self.env_steps,
             "local_steps": self._local_steps,
-            "policy_steps": self._policy.steps_taken if self._policy is not None else 0,
+            # frames collected ahead but not consumed are not checkpointed: nor are their policy steps
+            "policy_steps": self._policy.steps_taken - len(self._pending) if self._policy is not None else 0,
             "policy_rng": self._policy.generator.get_state() if self._policy is not None else None,
             "torch_rng": torch.get_rng_state(),
             "numpy_rng": np.random.get_state(),  # noqa: NPY002 (the global state seed_everything sets)

@@ -114,16 +114,17 @@ class DIMECLI(LightningCLI):
             check_tracking_uri(uri)
         run_id, self.resume_path = None, None
         ckpt_path = self._get(self.config, "ckpt_path")
-        if ckpt_path:
-            dirpath = str(checkpointer.dirpath) if checkpointer.dirpath else None
-            self.resume_path = resolve_checkpoint(ckpt_path, dirpath, uri)
-            checkpoint = read_checkpoint(self.resume_path)
-            check_compatible(checkpoint, self.resume_path, data.obs_dim, data.action_dim)
-            run_id = checkpoint.get("mlflow", {}).get("run_id")
-            checkpointer.dirpath = checkpointer.dirpath or self.resume_path.parent  # keep writing beside it
-            del checkpoint
         resolved = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))
         resolved["mlflow"]["tracking_uri"] = uri
+        if ckpt_path:
+            dirpath = str(checkpointer.dirpath) if checkpointer.dirpath else None
+            found = resolve_checkpoint(ckpt_path, dirpath, uri, matches=lambda saved: _same_run_config(saved, resolved))
+            self.resume_path = found.path
+            checkpoint = read_checkpoint(found.path)
+            check_compatible(checkpoint, found.path, data.obs_dim, data.action_dim)
+            run_id = checkpoint.get("mlflow", {}).get("run_id")
+            checkpointer.dirpath = checkpointer.dirpath or found.dirpath  # keep writing beside it
+            del checkpoint
         callbacks.append(ConfigInCheckpoint(resolved))
         if settings.enabled:
             config["logger"] = DIMEMLFlowLogger(
@@ -138,6 +139,15 @@ class DIMECLI(LightningCLI):
         if config.get("enable_progress_bar", True) is not False:
             callbacks.append(EnvStepProgressBar(refresh_rate=config.pop("progress_refresh_rate", 10)))
         return self._instantiate_trainer(config, callbacks)
+
+
+def _same_run_config(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a checkpoint's stored config comes from a run of this config (env id, seed, actor class)."""
+    def key(config: dict[str, Any]) -> tuple:
+        return (config.get("data", {}).get("env_id"), config.get("seed_everything"),
+                config.get("model", {}).get("actor", {}).get("class_path"))
+
+    return key(saved) == key(current)
 
 
 def build_cli(args: list[str] | None = None) -> DIMECLI:

@@ -154,10 +154,11 @@ class DIMEModule(pl.LightningModule):
             metrics["train/entropy_bound"] = -actor_metrics["log_prob"]
             metrics.update({f"train/{k}": v for k, v in self.actor.diagnostics().items()})
         metrics["train/alpha"] = self.temperature.alpha()
-        metrics["train/critic_updates"] = float(self.critic_updates)
-        metrics["train/actor_updates"] = float(self.actor_updates)
-        metrics["train/skipped_updates"] = float(self.skipped_updates)
-        metrics["step"] = float(self.env_steps)  # Lightning uses a logged "step" as the x-axis: env steps
+        # counters as CPU tensors: a Python float would be copied to the module's device (a host sync on GPU)
+        metrics["train/critic_updates"] = torch.tensor(float(self.critic_updates))
+        metrics["train/actor_updates"] = torch.tensor(float(self.actor_updates))
+        metrics["train/skipped_updates"] = torch.tensor(float(self.skipped_updates))
+        metrics["step"] = torch.tensor(float(self.env_steps))  # Lightning uses a logged "step" as the x-axis
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     # ---- checkpointed counters ------------------------------------------------------------------------------
@@ -168,6 +169,14 @@ class DIMEModule(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Training length is data.total_env_steps, not Lightning epochs: forget that the one "epoch" of a
+        # finished run was complete, so that resuming its final checkpoint with a larger total trains on.
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        for progress in fit_loop.get("epoch_progress", {}).values():
+            if isinstance(progress, dict):
+                progress.update({key: 0 for key in progress})
+        if "epoch_loop.batch_progress" in fit_loop:
+            fit_loop["epoch_loop.batch_progress"]["is_last_batch"] = False
         counters = checkpoint["dime_counters"]
         self.env_steps = counters["env_steps"]
         self.critic_updates = counters["critic_updates"]

@@ -74,3 +74,13 @@ def test_same_seed_collects_the_same_transitions():
 def test_invalid_data_arguments(key, value):
     with pytest.raises(ValueError, match=key):
         ReplayDataModule(**{"env_id": "Pendulum-v1", "total_env_steps": 10, "learning_starts": 0, key: value})
+
+
+def test_memmap_storage_in_a_shared_scratch_dir_can_be_used_again(tmp_path):
+    for _ in range(2):  # a second run (or a resume) in the same scratch_dir must not collide with the first
+        data = make_data(storage="memmap", scratch_dir=str(tmp_path), total_env_steps=120)
+        for token in data.train_dataloader():
+            data.on_before_batch_transfer(token, 0)
+        assert len(data._buffer) == 120
+        data.teardown("fit")
+        assert list(tmp_path.iterdir()) == []  # the run's scratch folder is removed at teardown

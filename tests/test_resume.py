@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = ["--config", str(ROOT / "conf" / "pendulum.yaml"), "--config", str(ROOT / "conf" / "smoke.yaml")]
 
 
-def fit_command(tmp_path: Path, *args: str) -> list[str]:
+def fit_command(tmp_path: Path, *args: str, dirpath: bool = True) -> list[str]:
     return [sys.executable, "-m", "dime_lightning.fit", *BASE, *args,
-            "--mlflow.tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "--checkpoint.dirpath", str(tmp_path / "ckpt"), "--trainer.enable_progress_bar", "false"]
+            "--mlflow.tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--trainer.enable_progress_bar", "false",
+            *(["--checkpoint.dirpath", str(tmp_path / "ckpt")] if dirpath else [])]
 
 
 def environment() -> dict[str, str]:
@@ -39,9 +39,9 @@ def start(tmp_path: Path, *args: str) -> subprocess.Popen:
                                 env=environment())
 
 
-def run(tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(fit_command(tmp_path, *args), cwd=tmp_path, capture_output=True, text=True,
-                          timeout=timeout, env=environment())
+def run(tmp_path: Path, *args: str, timeout: int = 300, dirpath: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(fit_command(tmp_path, *args, dirpath=dirpath), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=timeout, env=environment())
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> None:
@@ -126,6 +126,31 @@ def test_sigterm_writes_a_checkpoint_and_marks_the_run_killed(tmp_path):
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False, map_location="cpu")
     assert checkpoint["dime_counters"]["env_steps"] > 150  # written at the stop, not the periodic one
     assert only_run(tmp_path).status == "KILLED"
+
+
+def test_resuming_a_finished_run_with_a_larger_total_trains_on(tmp_path):
+    assert run(tmp_path, "--data.total_env_steps", "300").returncode == 0
+    result = run(tmp_path, "--data.total_env_steps", "450", "--ckpt_path", "last")
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = torch.load(tmp_path / "ckpt" / "final.ckpt", weights_only=False, map_location="cpu")
+    assert final["dime_counters"]["env_steps"] == 450
+    assert final["dime_counters"]["critic_updates"] == 2 * (450 - 100)
+    row = only_run(tmp_path)
+    assert row.status == "FINISHED"
+    assert_histories_strictly_increasing(row.run_id)
+
+
+def test_last_resumes_the_run_with_this_config_not_the_newest(tmp_path):
+    for seed in ("0", "1"):  # seed 1 writes the newest checkpoint
+        assert run(tmp_path, "--seed_everything", seed, "--data.total_env_steps", "150", dirpath=False).returncode == 0
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True)
+    seed0 = runs[runs["params.seed_everything"] == "0"].run_id.iloc[0]
+    result = run(tmp_path, "--seed_everything", "0", "--data.total_env_steps", "200", "--ckpt_path", "last",
+                 dirpath=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = torch.load(tmp_path / "checkpoints" / seed0 / "final.ckpt", weights_only=False, map_location="cpu")
+    assert final["dime_counters"]["env_steps"] == 200 and final["mlflow"]["run_id"] == seed0
 
 
 def test_nonfinite_reward_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path):
