@@ -30,7 +30,13 @@ from dime_lightning.checkpointing import (
 from dime_lightning.data import ReplayDataModule
 from dime_lightning.errors import NonFiniteError
 from dime_lightning.module import DIMEModule
-from dime_lightning.tracking import DEFAULT_TRACKING_URI, DIMEMLFlowLogger, MLflowRunInfo, check_tracking_uri
+from dime_lightning.tracking import (
+    DEFAULT_TRACKING_URI,
+    DIMEMLFlowLogger,
+    MLflowRunInfo,
+    check_tracking_uri,
+    validate_tracking_uri,
+)
 
 TRAINER_DEFAULTS = {
     "max_epochs": 1,  # one pass over the env-step iterable = data.total_env_steps
@@ -111,7 +117,10 @@ class DIMECLI(LightningCLI):
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         uri = settings.resolved_uri()
         if settings.enabled:
-            check_tracking_uri(uri)
+            validate_tracking_uri(uri)
+        if str(config.get("precision")) in ("16", "16-mixed"):
+            raise ValueError("trainer.precision 16-mixed is not supported (its gradient scaler misbehaves with "
+                             "several optimizers under manual optimization): use bf16-mixed or 32")
         run_id, self.resume_path = None, None
         ckpt_path = self._get(self.config, "ckpt_path")
         resolved = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))
@@ -127,18 +136,25 @@ class DIMECLI(LightningCLI):
             del checkpoint
         callbacks.append(ConfigInCheckpoint(resolved))
         if settings.enabled:
-            config["logger"] = DIMEMLFlowLogger(
+            callbacks.append(MLflowRunInfo(resolved, yaml.safe_dump(resolved, sort_keys=False), resumed=bool(run_id)))
+        config["logger"] = False  # attached after the checks below: the Trainer must not open the store before
+        if config.get("enable_progress_bar", True) is not False:
+            callbacks.append(EnvStepProgressBar(refresh_rate=config.pop("progress_refresh_rate", 10)))
+        trainer = self._instantiate_trainer(config, callbacks)
+        if trainer.world_size > 1:
+            raise ValueError(
+                f"trainer: {trainer.world_size} processes requested (devices × num_nodes), but multi-process "
+                "training (DDP) is not supported yet: use devices: 1"
+            )
+        if settings.enabled:  # last: opening the store (also by constructing the logger) creates an sqlite file
+            check_tracking_uri(uri)
+            trainer.logger = DIMEMLFlowLogger(
                 experiment_name=settings.experiment_name or data.hparams.env_id,
                 run_name=settings.run_name,
                 tracking_uri=uri,
                 run_id=run_id,
             )
-            callbacks.append(MLflowRunInfo(resolved, yaml.safe_dump(resolved, sort_keys=False), resumed=bool(run_id)))
-        else:
-            config["logger"] = False
-        if config.get("enable_progress_bar", True) is not False:
-            callbacks.append(EnvStepProgressBar(refresh_rate=config.pop("progress_refresh_rate", 10)))
-        return self._instantiate_trainer(config, callbacks)
+        return trainer
 
 
 def _same_run_config(saved: dict[str, Any], current: dict[str, Any]) -> bool:

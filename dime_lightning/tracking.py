@@ -26,8 +26,8 @@ class TrackingError(ValueError):
     """The MLflow tracking URI cannot be used."""
 
 
-def check_tracking_uri(uri: str) -> None:
-    """Open the tracking store once (no retries) so that a bad URI fails before any training starts."""
+def validate_tracking_uri(uri: str) -> None:
+    """Checks that touch nothing: the store kind, and that an sqlite file's directory exists."""
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):])
         if not path.parent.exists():
@@ -37,6 +37,12 @@ def check_tracking_uri(uri: str) -> None:
             f"MLflow tracking URI {uri!r}: the file store is not supported by MLflow 3.13+; "
             "use sqlite:///mlflow.db (the default) or an http(s):// server"
         )
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Open the tracking store once (no retries) so that a bad URI fails before any training starts (an sqlite
+    store is created by this)."""
+    validate_tracking_uri(uri)
     import mlflow
 
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}

@@ -102,6 +102,8 @@ BAD_INPUTS = {
     "total < learning_starts": (["--data.total_env_steps", "50"], "total_env_steps"),
     "unknown env id": (["--data.env_id", "NoSuchEnv-v3"], "unknown env id 'NoSuchEnv-v3'"),
     "unknown nested key": (["--model.actor.num_stepz", "3"], "num_stepz"),
+    "16-mixed precision": (["--trainer.precision", "16-mixed"], "use bf16-mixed"),
+    "several processes": (["--trainer.devices", "2", "--trainer.strategy", "ddp"], "not supported yet"),
 }
 
 
