@@ -153,7 +153,7 @@ def acting(actor, obs_dim: int, repeats: int) -> dict[str, float]:
 
 
 MEMORY_CHILD = """
-import resource, sys, tempfile, torch
+import sys, tempfile, torch
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, TensorDictReplayBuffer
 from tensordict import TensorDict
 obs, act, size, kind = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -169,7 +169,8 @@ for i in range(0, size, chunk):
 buffer.sample()
 import subprocess
 disk = subprocess.run(["du", "-sm", scratch], capture_output=True, text=True).stdout.split()[0]
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, disk, flush=True)
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(hwm / 1024, disk, flush=True)  # VmHWM: this process image only (ru_maxrss would include the parent's)
 """
 
 
