@@ -74,7 +74,7 @@ def load_buffer(directory: Path) -> TensorDictReplayBuffer:
     return buffer
 
 
-def kill_and_resume(tmp_path: Path, delay: float) -> None:
+def check_kill_and_resume(tmp_path: Path, delay: float) -> None:
     total = 600
     process = start(tmp_path, "--data.total_env_steps", str(total))
     wait_for(tmp_path / "ckpt" / "last.ckpt", process)
@@ -108,13 +108,13 @@ def kill_and_resume(tmp_path: Path, delay: float) -> None:
 
 
 def test_sigkill_after_first_checkpoint_then_resume(tmp_path):
-    kill_and_resume(tmp_path, delay=1.0)
+    check_kill_and_resume(tmp_path, delay=1.0)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_sigkill_at_random_points_then_resume(tmp_path, seed):
-    kill_and_resume(tmp_path, delay=random.Random(seed).uniform(0.0, 6.0))
+    check_kill_and_resume(tmp_path, delay=random.Random(seed).uniform(0.0, 6.0))
 
 
 def test_sigterm_writes_a_checkpoint_and_marks_the_run_killed(tmp_path):
