@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 STEP_PATTERN = re.compile(r"step-(\d+)\.ckpt")
@@ -103,8 +104,8 @@ class EnvStepCheckpoint(Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt | SIGTERMException) and self.dirpath is not None:
             path = self.save(trainer, pl_module)
-            print(f"\nStopped at env step {pl_module.env_steps}; checkpoint {path}. "
-                  "Resume with the same config and --ckpt_path last", flush=True)
+            rank_zero_info(f"\nStopped at env step {pl_module.env_steps}; checkpoint {path}. "
+                           "Resume with the same config and --ckpt_path last")
 
     def save(self, trainer, pl_module) -> Path:
         stem = f"step-{pl_module.env_steps:010d}"
