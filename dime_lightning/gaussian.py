@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from dime_lightning.actor import ActorOutput, tanh_log_det_jacobian
+from dime_lightning.actor import ActorOutput, DiffusionActor, tanh_log_det_jacobian
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -70,11 +70,7 @@ class TanhGaussianActor(nn.Module):
             trajectory=torch.stack([mean, x]) if return_trajectory else None,
         )
 
-    @torch.no_grad()
-    def act(self, obs: torch.Tensor) -> torch.Tensor:
-        if obs.dim() == 1:
-            return self.forward(obs.unsqueeze(0)).action.squeeze(0)
-        return self.forward(obs).action
+    act = DiffusionActor.act  # the same no-grad sampling for (obs_dim,) or (B, obs_dim) observations
 
     @torch.no_grad()
     def diagnostics(self) -> dict[str, torch.Tensor]:
