@@ -28,6 +28,7 @@ from tensordict.nn import TensorDictModule
 from torchrl.collectors import Collector
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, TensorDictReplayBuffer
 
+from dime_lightning.distributed import gather_objects
 from dime_lightning.envs import env_spec, make_env
 from dime_lightning.errors import NonFiniteError
 
@@ -133,6 +134,10 @@ class ReplayDataModule(pl.LightningDataModule):
             return
         hp = self.hparams
         rank_seed = hp.seed + RANK_SEED_OFFSET * self.rank
+        if self.rank > 0:  # the model was built from the shared seed; from here on each rank draws its own noise
+            torch.manual_seed(rank_seed)
+            np.random.seed(rank_seed)  # noqa: NPY002 (the global state seed_everything sets)
+            random.seed(rank_seed)
         self._updates_begin_after = self._local(hp.learning_starts)
         self._buffer = self.build_buffer()
         actor = self.trainer.lightning_module.actor
@@ -236,28 +241,44 @@ class ReplayDataModule(pl.LightningDataModule):
         tmp.rename(target)
 
     def state_dict(self) -> dict:
+        """Counters, the buffer dump's name and, per rank (gathered: collective under DDP), RNG states."""
         return {
             "env_steps": self.env_steps,
             "local_steps": self._local_steps,
+            "buffer_dump": self.buffer_dump,
+            "ranks": gather_objects(self._rank_state()),
+        }
+
+    def _rank_state(self) -> dict:
+        return {
             # frames collected ahead but not consumed are not checkpointed: nor are their policy steps
             "policy_steps": self._policy.steps_taken - len(self._pending) if self._policy is not None else 0,
             "policy_rng": self._policy.generator.get_state() if self._policy is not None else None,
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
             "numpy_rng": np.random.get_state(),  # noqa: NPY002 (the global state seed_everything sets)
             "python_rng": random.getstate(),
-            "buffer_dump": self.buffer_dump,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore counters, RNG states and the replay buffer (setup('fit') has run: the buffer exists)."""
+        """Restore counters, this rank's RNG states and its replay buffer (setup('fit') has run)."""
+        ranks = state_dict["ranks"]
+        if len(ranks) != self.world_size:
+            raise ValueError(
+                f"the checkpoint was written by {len(ranks)} process(es) (trainer.devices × trainer.num_nodes) "
+                f"but this run has {self.world_size}: resume with the same number"
+            )
         self.env_steps = int(state_dict["env_steps"])
         self._local_steps = int(state_dict["local_steps"])
-        torch.set_rng_state(state_dict["torch_rng"])
-        np.random.set_state(state_dict["numpy_rng"])  # noqa: NPY002
-        random.setstate(state_dict["python_rng"])
+        state = ranks[self.rank]
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        np.random.set_state(state["numpy_rng"])  # noqa: NPY002
+        random.setstate(state["python_rng"])
         if self._policy is not None:
-            self._policy.steps_taken = int(state_dict["policy_steps"])
-            self._policy.generator.set_state(state_dict["policy_rng"])
+            self._policy.steps_taken = int(state["policy_steps"])
+            self._policy.generator.set_state(state["policy_rng"])
         if self._collector is not None:  # a fresh episode with a fresh env seed
             self._collector.set_seed(self.hparams.seed + RANK_SEED_OFFSET * self.rank + self._local_steps)
         self._restore_buffer(state_dict.get("buffer_dump"))

@@ -28,6 +28,7 @@ from dime_lightning.checkpointing import (
     resolve_checkpoint,
 )
 from dime_lightning.data import ReplayDataModule
+from dime_lightning.distributed import resolve_strategy
 from dime_lightning.errors import NonFiniteError
 from dime_lightning.module import DIMEModule
 from dime_lightning.tracking import (
@@ -121,7 +122,7 @@ class DIMECLI(LightningCLI):
         if str(config.get("precision")) in ("16", "16-mixed"):
             raise ValueError("trainer.precision 16-mixed is not supported (its gradient scaler misbehaves with "
                              "several optimizers under manual optimization): use bf16-mixed or 32")
-        run_id, self.resume_path = None, None
+        run_id, self.resume_path, saved_ranks = None, None, 0
         ckpt_path = self._get(self.config, "ckpt_path")
         resolved = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))
         resolved["mlflow"]["tracking_uri"] = uri
@@ -132,19 +133,21 @@ class DIMECLI(LightningCLI):
             checkpoint = read_checkpoint(found.path)
             check_compatible(checkpoint, found.path, data.obs_dim, data.action_dim)
             run_id = checkpoint.get("mlflow", {}).get("run_id")
+            saved_ranks = len(checkpoint.get(type(data).__qualname__, {}).get("ranks", []))
             checkpointer.dirpath = checkpointer.dirpath or found.dirpath  # keep writing beside it
             del checkpoint
         callbacks.append(ConfigInCheckpoint(resolved))
         if settings.enabled:
             callbacks.append(MLflowRunInfo(resolved, yaml.safe_dump(resolved, sort_keys=False), resumed=bool(run_id)))
+        config["strategy"] = resolve_strategy(config.get("strategy"))
         config["logger"] = False  # attached after the checks below: the Trainer must not open the store before
         if config.get("enable_progress_bar", True) is not False:
             callbacks.append(EnvStepProgressBar(refresh_rate=config.pop("progress_refresh_rate", 10)))
         trainer = self._instantiate_trainer(config, callbacks)
-        if trainer.world_size > 1:
+        if saved_ranks and saved_ranks != trainer.world_size:  # each rank resumes its own buffer and RNG state
             raise ValueError(
-                f"trainer: {trainer.world_size} processes requested (devices × num_nodes), but multi-process "
-                "training (DDP) is not supported yet: use devices: 1"
+                f"the checkpoint {self.resume_path} was written by {saved_ranks} process{'es' * (saved_ranks > 1)} "
+                f"(trainer.devices × trainer.num_nodes) but this run has {trainer.world_size}: resume with the same"
             )
         if settings.enabled:  # last: opening the store (also by constructing the logger) creates an sqlite file
             check_tracking_uri(uri)

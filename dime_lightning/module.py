@@ -19,6 +19,7 @@ from torch import nn
 from dime_lightning.actor import DiffusionActor
 from dime_lightning.critic import DistributionalCritic
 from dime_lightning.data import StepBatch
+from dime_lightning.distributed import all_ranks_true, average_running_statistics_
 from dime_lightning.errors import NonFiniteError
 from dime_lightning.losses import actor_loss, critic_loss, temperature_loss
 from dime_lightning.optim import ACTOR_CRITIC_BETAS, adam, gradient_norm, zero_nan_and_clip_gradients_
@@ -105,6 +106,7 @@ class DIMEModule(pl.LightningModule):
             self.manual_backward(critic_metrics["loss_critic"])
             critic_metrics["grad_norm_critic"] = gradient_norm(self.critic.parameters())
             critic_opt.step()
+            average_running_statistics_(self.critic)  # DDP: one set of batch-renorm statistics (distributed.py)
             self.critic_updates += 1
             if not self.schedule.actor_due(self.critic_updates):
                 continue
@@ -137,11 +139,16 @@ class DIMEModule(pl.LightningModule):
 
     def _skip_nonfinite(self, name: str, loss: torch.Tensor) -> bool:
         """With ``check_finite``: stop with a message naming the loss and env step, or (``nonfinite="skip"``)
-        skip this optimizer step and count it. One host sync per update; disable it for captured GPU updates."""
-        if not self.hparams.check_finite or bool(torch.isfinite(loss)):
+        skip this optimizer step and count it. Decided jointly by all ranks (one all-reduce), so that every rank
+        takes the same steps. One host sync per update; disable it for captured GPU updates."""
+        if not self.hparams.check_finite:
+            return False
+        finite_here = torch.isfinite(loss)
+        if all_ranks_true(finite_here, loss.device):
             return False
         if self.hparams.nonfinite == "stop":
-            raise NonFiniteError(f"non-finite {name} = {loss.item()} at env step {self.env_steps}")
+            value = f"= {loss.item()}" if not bool(finite_here) else f"on another rank than {self.global_rank}"
+            raise NonFiniteError(f"non-finite {name} {value} at env step {self.env_steps}")
         self.skipped_updates += 1
         return True
 

@@ -72,7 +72,7 @@ class DIMEMLFlowLogger(MLFlowLogger):
     @property
     def experiment(self):
         client = super().experiment
-        if self._logged_until == {} and self._run_id is not None:
+        if self._logged_until == {} and self._run_id is not None and rank_zero_only.rank == 0:
             self._logged_until = self._last_steps(client)
             client.update_run(self._run_id, status="RUNNING")
         return client
@@ -124,7 +124,7 @@ class MLflowRunInfo(Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         logger = trainer.logger
-        if isinstance(logger, MLFlowLogger):
+        if isinstance(logger, MLFlowLogger) and trainer.is_global_zero:  # rank 0 writes the checkpoint
             checkpoint["mlflow"] = {"run_id": logger.run_id, "experiment_id": logger.experiment_id}
 
     @rank_zero_only

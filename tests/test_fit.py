@@ -103,7 +103,7 @@ BAD_INPUTS = {
     "unknown env id": (["--data.env_id", "NoSuchEnv-v3"], "unknown env id 'NoSuchEnv-v3'"),
     "unknown nested key": (["--model.actor.num_stepz", "3"], "num_stepz"),
     "16-mixed precision": (["--trainer.precision", "16-mixed"], "use bf16-mixed"),
-    "several processes": (["--trainer.devices", "2", "--trainer.strategy", "ddp"], "not supported yet"),
+    "unsupported strategy": (["--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"], "'ddp_spawn' is not"),
 }
 
 

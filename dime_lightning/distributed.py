@@ -1,0 +1,82 @@
+"""Multi-process training (Lightning DDP): the strategy DIME's schedule needs and the few collectives it uses.
+
+DIME's update runs three backward passes per ``training_step`` (critic, actor, temperature), each reaching
+only its own parameters, and none during the random warm-up. DDP's reducer must therefore be told which
+parameters a backward did not reach: ``find_unused_parameters=True``. Gradients are averaged over ranks as
+usual, so every rank takes the same optimizer steps and parameters stay identical.
+
+Batch renormalisation under DDP: each rank normalises its own minibatch with its own batch statistics (as a
+plain BatchNorm layer does under DDP; no per-layer collective inside the forward), and the running statistics
+are averaged over ranks after every critic update (one all-reduce of a few kilobytes). The running mean is
+then exactly the running mean of the global batch's mean, and every rank evaluates the critic (actor loss,
+acting) with the same statistics. DDP's own per-forward buffer broadcast (rank 0's buffers to all) is off;
+buffers are still synced once when the model is wrapped, so all ranks start from the same statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
+
+DDP_NAMES = ("ddp", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false")
+DDP_KWARGS = {"find_unused_parameters": True, "forward_sync_buffers": False}
+
+
+def resolve_strategy(strategy: str | Strategy | None) -> str | Strategy | None:
+    """``trainer.strategy`` as DIME needs it: the DDP names become a ``DDPStrategy`` with ``DDP_KWARGS``.
+
+    Strategies that launch by pickling or shard parameters (ddp_spawn, fsdp, deepspeed, …) are refused with a
+    message; single-process strategies pass through.
+    """
+    if isinstance(strategy, DDPStrategy):
+        strategy._ddp_kwargs.update(DDP_KWARGS)  # a configured DDPStrategy keeps its other settings
+        return strategy
+    if strategy is None or isinstance(strategy, SingleDeviceStrategy) or strategy in ("auto", "single_device"):
+        return strategy
+    if strategy in DDP_NAMES:
+        return DDPStrategy(**DDP_KWARGS)
+    raise ValueError(
+        f"trainer.strategy {strategy!r} is not supported: use 'auto' (one process) or 'ddp' (several devices "
+        "or nodes; launched by Lightning or by torchrun/SLURM)"
+    )
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_ranks_true(flag: bool | torch.Tensor, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every rank (one all-reduce; the flag itself when not distributed)."""
+    value = torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(1)
+    if is_distributed():
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+@torch.no_grad()
+def average_running_statistics_(module: torch.nn.Module) -> None:
+    """Average every normalisation layer's ``running_mean`` and ``running_var`` over ranks, in place."""
+    if not is_distributed():
+        return
+    buffers = [b for name, b in module.named_buffers() if name.endswith(("running_mean", "running_var"))]
+    if not buffers:
+        return
+    flat = torch.cat([b.reshape(-1) for b in buffers])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for buffer in buffers:
+        buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
+        offset += buffer.numel()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` from every rank, in rank order (``[obj]`` when not distributed)."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

@@ -1,0 +1,90 @@
+"""Scaling switches through the real CLI on CPU: 2-process DDP (gloo), bf16-mixed, multi-process collection."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SMOKE = ["--config", str(CONF / "pendulum.yaml"), "--config", str(CONF / "smoke.yaml")]
+
+
+def run_fit(tmp_path: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "dime_lightning.fit", *args,
+               "--mlflow.tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+               "--checkpoint.dirpath", str(tmp_path / "ckpt"), "--trainer.enable_progress_bar", "false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def load_buffer(path: Path, size: int) -> TensorDictReplayBuffer:
+    buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(size))
+    buffer.loads(path)
+    return buffer
+
+
+def test_ddp_two_processes_gloo_through_the_cli(tmp_path):
+    # the README's multi-device command, on CPU: Lightning launches rank 1 by re-running this command line
+    result = run_fit(tmp_path, *SMOKE, "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                     "--trainer.callbacks+=ddp_probe.SaveRankState")
+    assert result.returncode == 0, result.stderr[-4000:]
+    # the two ranks collected different transitions, half of the env steps each
+    dump = tmp_path / "ckpt" / "step-0000000300.buffer"
+    shards = [load_buffer(dump / f"rank{rank}", 5000) for rank in (0, 1)]  # smoke buffer_size 10,000 / 2
+    assert [len(shard) for shard in shards] == [150, 150]
+    obs = [shard.storage[:]["observation"] for shard in shards]
+    assert not torch.allclose(obs[0][:10], obs[1][:10])
+    # parameters and batch-renorm statistics are identical on both ranks at the end
+    states = [torch.load(tmp_path / f"rank{rank}-state.pt", weights_only=False) for rank in (0, 1)]
+    assert states[0]["world_size"] == 2 and states[0]["env_steps"] == states[1]["env_steps"] == 300
+    assert states[0]["state"].keys() == states[1]["state"].keys()
+    for key, value in states[0]["state"].items():
+        assert torch.equal(value, states[1]["state"][key]), key
+    assert any("running_mean" in key for key in states[0]["state"])
+    # one MLflow run (rank 0), x-axis in env steps counted over both ranks, eval on rank 0
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["Pendulum-v1"])
+    assert len(runs) == 1 and runs.status[0] == "FINISHED"
+    client = mlflow.MlflowClient()
+    assert [m.step for m in client.get_metric_history(runs.run_id[0], "eval/return_mean")] == [150, 300]
+    # counters: 150 env steps per rank, learning after 50 per rank; each update is one all-reduced step
+    checkpoint = torch.load(tmp_path / "ckpt" / "final.ckpt", weights_only=False, map_location="cpu")
+    assert checkpoint["dime_counters"] == {"env_steps": 300, "critic_updates": 200, "actor_updates": 66,
+                                           "skipped_updates": 0}
+    ranks = checkpoint["ReplayDataModule"]["ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch_rng"], ranks[1]["torch_rng"])
+
+
+def test_ddp_resume_needs_the_same_number_of_processes(tmp_path):
+    first = run_fit(tmp_path, *SMOKE, "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                    "--data.total_env_steps", "150")
+    assert first.returncode == 0, first.stderr[-4000:]
+    wrong = run_fit(tmp_path, *SMOKE, "--ckpt_path", "last")
+    assert wrong.returncode == 2
+    assert "written by 2 processes" in wrong.stderr and "this run has 1" in wrong.stderr
+    resumed = run_fit(tmp_path, *SMOKE, "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                      "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    checkpoint = torch.load(tmp_path / "ckpt" / "final.ckpt", weights_only=False, map_location="cpu")
+    assert checkpoint["dime_counters"]["env_steps"] == 300
+    assert checkpoint["dime_counters"]["critic_updates"] == 200  # the buffers came back: no refill
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed"])
+def test_bf16_mixed_smoke_fit(tmp_path, precision):
+    result = run_fit(tmp_path, *SMOKE, "--trainer.precision", precision)
+    assert result.returncode == 0, result.stderr[-4000:]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = mlflow.search_runs(experiment_names=["Pendulum-v1"]).run_id[0]
+    client = mlflow.MlflowClient()
+    for key in ("train/loss_critic", "train/loss_actor", "train/loss_alpha"):
+        values = [m.value for m in client.get_metric_history(run_id, key)]
+        assert values and all(torch.isfinite(torch.tensor(values))), key
