@@ -245,6 +245,7 @@ class DiffusionActor(nn.Module):
         for n in range(self.num_steps):
             eta_n = eta[n]
             u = control.step(x, context[n]) if control is self.control_net else control(x, obs, steps[n])
+            u = u.to(dtype)  # under autocast the network computes in bf16; the chain and its costs stay float32
             x_next = x + eta_n * (u - x * inv_var0) + torch.sqrt(2.0 * eta_n) * noise[n + 1]
             backward_mean = x_next * (1.0 - eta_n * inv_var0)
             # log B(x_n | x_{n+1}) − log F(x_{n+1} | x_n): the normalisers cancel (same variance 2η_n), and

@@ -137,6 +137,8 @@ def project_distribution(
     sum to the input mass (the reference's index nudging gives the same result). ``shifted_support`` may
     omit leading dims of ``probs`` (it is broadcast). (..., K) -> (..., K).
     """
+    if probs.dtype in (torch.float16, torch.bfloat16):  # mixed precision: the projection runs in float32
+        probs, shifted_support = probs.float(), shifted_support.float()
     delta = (v_max - v_min) / (num_atoms - 1)
     b = ((shifted_support.clamp(v_min, v_max) - v_min) / delta).expand_as(probs)  # (..., K) in [0, K − 1]
     lower = b.floor().clamp_(max=num_atoms - 1)

@@ -50,7 +50,9 @@ class TanhGaussianActor(nn.Module):
         self.head = nn.Linear(width, 2 * action_dim)
 
     def distribution_parameters(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, log_std = self.head(self.trunk(obs)).chunk(2, dim=-1)  # (B, 2D) -> 2 × (B, D)
+        # under autocast (bf16-mixed) the head computes in bf16; the sample and its log-density in the weights' dtype
+        out = self.head(self.trunk(obs)).to(self.head.weight.dtype)
+        mean, log_std = out.chunk(2, dim=-1)  # (B, 2D) -> 2 × (B, D)
         return mean, log_std.clamp(self.log_std_min, self.log_std_max)
 
     def forward(

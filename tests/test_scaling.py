@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -10,7 +11,11 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from test_losses import make_actor, make_batch, make_critic
 from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+
+from dime_lightning.gaussian import TanhGaussianActor
+from dime_lightning.losses import actor_loss, critic_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -88,3 +93,29 @@ def test_bf16_mixed_smoke_fit(tmp_path, precision):
     for key in ("train/loss_critic", "train/loss_actor", "train/loss_alpha"):
         values = [m.value for m in client.get_metric_history(run_id, key)]
         assert values and all(torch.isfinite(torch.tensor(values))), key
+
+
+@pytest.mark.parametrize("actor_kind", ["diffusion", "gaussian"])
+def test_bf16_autocast_keeps_float32_where_required(actor_kind):
+    torch.manual_seed(0)
+    actor = make_actor() if actor_kind == "diffusion" else TanhGaussianActor(3, 2, hidden_dim=16)
+    critic, batch, alpha = make_critic(), make_batch(), torch.tensor(0.1)
+    reference_critic = copy.deepcopy(critic)  # the train-mode pass moves batch-renorm statistics
+    torch.manual_seed(1)
+    reference_loss = critic_loss(reference_critic, actor, batch, alpha, 0.99)["loss_critic"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(1)  # the same next-action noise
+        critic_metrics = critic_loss(critic, actor, batch, alpha, 0.99)
+        actor_metrics = actor_loss(actor, critic, batch["observation"], alpha)
+        out = actor(batch["observation"], return_trajectory=True)
+        assert critic(batch["observation"], batch["action"]).dtype == torch.bfloat16  # autocast is active
+    # the sampler chain and the entropy bound accumulate in float32; so do the critic's log-softmax,
+    # cross-entropy and projection, and every loss
+    for tensor in (out.action, out.log_prob, out.running_cost, out.terminal_cost, out.trajectory):
+        assert tensor.dtype == torch.float32
+    for metrics in (critic_metrics, actor_metrics):
+        assert all(value.dtype == torch.float32 for value in metrics.values())
+    assert critic_metrics["target_q_mean"].dtype == torch.float32
+    # and the bf16 losses stay close to the float32 ones
+    assert torch.allclose(critic_metrics["loss_critic"], reference_loss, rtol=0.02)
+    assert torch.isfinite(actor_metrics["loss_actor"])
