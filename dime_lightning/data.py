@@ -1,10 +1,11 @@
 """Replay data: env → TorchRL collector → TensorDict replay buffer → one ``StepBatch`` per env step.
 
 ``ReplayDataModule`` owns every env and collector object (the LightningModule never does). Its iterable
-collects ``frames_per_batch`` env steps at a time with the live actor as policy (uniform random actions for
-the first ``learning_starts`` steps) and hands the module, per env step, that step written to the buffer and
-``utd`` minibatches of ``batch_size`` transitions stacked as a (utd, B) TensorDict. During the warm-up the
-batches carry no sample, so that counters and the progress bar keep moving.
+collects ``frames_per_batch`` env steps at a time (in this process, or from ``num_workers`` env processes:
+``collection.py``) with the actor as policy (uniform random actions for the first ``learning_starts``
+steps) and hands the module, per env step, that step written to the buffer and ``utd`` minibatches of
+``batch_size`` transitions stacked as a (utd, B) TensorDict. During the warm-up the batches carry no sample,
+so that counters and the progress bar keep moving.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from tensordict import TensorDict, TensorDictBase
-from tensordict.nn import TensorDictModule
-from torchrl.collectors import Collector
+from torchrl.collectors import Collector, MultiSyncCollector
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, TensorDictReplayBuffer
 
+from dime_lightning.collection import CollectionPolicy, build_collector, flatten_rollout
 from dime_lightning.distributed import gather_objects
-from dime_lightning.envs import env_spec, make_env
+from dime_lightning.envs import env_spec
 from dime_lightning.errors import NonFiniteError
 
 TRANSITION_KEYS = ("observation", "action", ("next", "observation"), ("next", "reward"), ("next", "terminated"))
@@ -56,26 +57,6 @@ class FinishedEpisode:
     length: int
 
 
-class CollectionPolicy:
-    """The collector's policy: uniform random actions in [−1, 1] for the first ``random_steps`` calls on this
-    rank, then no-grad samples from the live actor (on whatever device the actor lives)."""
-
-    def __init__(self, actor: torch.nn.Module, action_dim: int, random_steps: int, seed: int) -> None:
-        self.actor = actor
-        self.action_dim = action_dim
-        self.random_steps = random_steps
-        self.steps_taken = 0
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __call__(self, observation: torch.Tensor) -> torch.Tensor:
-        self.steps_taken += 1
-        if self.steps_taken <= self.random_steps:
-            shape = (*observation.shape[:-1], self.action_dim)
-            return torch.rand(shape, generator=self.generator) * 2.0 - 1.0
-        device = next(self.actor.parameters()).device
-        return self.actor.act(observation.to(device)).to(observation.device)
-
-
 class ReplayDataModule(pl.LightningDataModule):
     """Env, collector and replay buffer for one rank; yields one ``StepBatch`` per env step."""
 
@@ -88,6 +69,7 @@ class ReplayDataModule(pl.LightningDataModule):
         batch_size: int = 256,
         utd: int = 2,
         frames_per_batch: int = 1,
+        num_workers: int = 1,
         storage: Literal["memory", "memmap"] = "memory",
         scratch_dir: str | None = None,
         seed: int = 0,
@@ -96,7 +78,7 @@ class ReplayDataModule(pl.LightningDataModule):
         for name, value, low in [
             ("total_env_steps", total_env_steps, 1), ("learning_starts", learning_starts, 0),
             ("buffer_size", buffer_size, 1), ("batch_size", batch_size, 1), ("utd", utd, 1),
-            ("frames_per_batch", frames_per_batch, 1),
+            ("frames_per_batch", frames_per_batch, 1), ("num_workers", num_workers, 1),
         ]:
             if value < low:
                 raise ValueError(f"data.{name} must be >= {low}, got {value}")
@@ -104,6 +86,9 @@ class ReplayDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"data.total_env_steps ({total_env_steps}) must be >= data.learning_starts ({learning_starts})"
             )
+        if frames_per_batch % num_workers:
+            raise ValueError(f"data.frames_per_batch ({frames_per_batch}) must be a multiple of data.num_workers "
+                             f"({num_workers}): each env worker collects frames_per_batch / num_workers per batch")
         if storage not in ("memory", "memmap"):
             raise ValueError(f"data.storage must be 'memory' or 'memmap', got {storage!r}")
         self.save_hyperparameters(logger=False)
@@ -114,7 +99,7 @@ class ReplayDataModule(pl.LightningDataModule):
         self._updates_begin_after = 0  # env steps on this rank before updates begin; set in setup
         self.buffer_dump: str | None = None  # name of the dump the next checkpoint points to (set by it)
         self.finished_episodes: list[FinishedEpisode] = []
-        self._collector: Collector | None = None
+        self._collector: Collector | MultiSyncCollector | None = None
         self._buffer: TensorDictReplayBuffer | None = None
         self._policy: CollectionPolicy | None = None
         self._pending: list[TensorDictBase] = []  # collected frames not yet consumed (frames_per_batch > 1)
@@ -140,13 +125,8 @@ class ReplayDataModule(pl.LightningDataModule):
             random.seed(rank_seed)
         self._updates_begin_after = self._local(hp.learning_starts)
         self._buffer = self.build_buffer()
-        actor = self.trainer.lightning_module.actor
-        self._policy = CollectionPolicy(actor, self.action_dim, self._local(hp.learning_starts), rank_seed)
-        policy = TensorDictModule(self._policy, in_keys=["observation"], out_keys=["action"])
-        self._collector = Collector(
-            make_env(hp.env_id, seed=rank_seed), policy, frames_per_batch=hp.frames_per_batch, total_frames=-1,
-            auto_register_policy_transforms=False,
-        )
+        self._policy = CollectionPolicy(self.trainer.lightning_module.actor, self.action_dim, seed=rank_seed)
+        self._collector = build_collector(hp.env_id, self._policy, hp.frames_per_batch, hp.num_workers, rank_seed)
 
     def build_buffer(self) -> TensorDictReplayBuffer:
         hp = self.hparams
@@ -191,9 +171,12 @@ class ReplayDataModule(pl.LightningDataModule):
         """Take one env step on this rank, store it, and sample ``utd`` minibatches (after the warm-up)."""
         hp = self.hparams
         if not self._pending:
-            rollout = self._collector.next()  # (frames_per_batch,) transitions
+            self._policy.uniform.fill_(self._local_steps < self._local(hp.learning_starts))  # random warm-up
+            if hp.num_workers > 1:
+                self._collector.update_policy_weights_()  # actor weights and the warm-up flag to the workers
+            rollout = self._collector.next()  # frames_per_batch transitions: (T,) or (workers, T / workers)
             self._check_finite(rollout)
-            self._pending = list(rollout.unbind(0))
+            self._pending = flatten_rollout(rollout)
         transition = self._pending.pop(0)
         self._buffer.add(transition.select(*TRANSITION_KEYS))
         self.env_steps += self.world_size
@@ -251,8 +234,6 @@ class ReplayDataModule(pl.LightningDataModule):
 
     def _rank_state(self) -> dict:
         return {
-            # frames collected ahead but not consumed are not checkpointed: nor are their policy steps
-            "policy_steps": self._policy.steps_taken - len(self._pending) if self._policy is not None else 0,
             "policy_rng": self._policy.generator.get_state() if self._policy is not None else None,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
@@ -277,7 +258,6 @@ class ReplayDataModule(pl.LightningDataModule):
         np.random.set_state(state["numpy_rng"])  # noqa: NPY002
         random.setstate(state["python_rng"])
         if self._policy is not None:
-            self._policy.steps_taken = int(state["policy_steps"])
             self._policy.generator.set_state(state["policy_rng"])
         if self._collector is not None:  # a fresh episode with a fresh env seed
             self._collector.set_seed(self.hparams.seed + RANK_SEED_OFFSET * self.rank + self._local_steps)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dime_lightning.actor import DiffusionActor
-from dime_lightning.data import CollectionPolicy, ReplayDataModule
+from dime_lightning.collection import CollectionPolicy
+from dime_lightning.data import ReplayDataModule
 
 
 def make_data(**overrides) -> ReplayDataModule:
@@ -43,14 +44,16 @@ def test_one_batch_per_env_step_with_warmup_then_utd_minibatches():
 
 def test_collection_policy_is_uniform_during_warmup_then_the_actor():
     actor = DiffusionActor(3, 2, num_steps=2, hidden_dim=8, time_features=4, time_hidden_dim=8)
-    policy = CollectionPolicy(actor, action_dim=2, random_steps=500, seed=0)
+    policy = CollectionPolicy(actor, action_dim=2, seed=0)
     random_actions = torch.stack([policy(torch.zeros(3)) for _ in range(500)])
     assert random_actions.min() >= -1.0 and random_actions.max() <= 1.0
     assert random_actions.mean(0).abs().max() < 0.1 and random_actions.std(0).min() > 0.5  # ≈ U(-1, 1)
+    policy.uniform.fill_(False)  # the data module clears the flag after learning_starts env steps
     torch.manual_seed(0)
     expected = actor.act(torch.zeros(3))
     torch.manual_seed(0)
     assert torch.equal(policy(torch.zeros(3)), expected)
+    assert "uniform" in dict(policy.named_buffers())  # travels to env workers with the weights
 
 
 def collected(seed: int) -> torch.Tensor:

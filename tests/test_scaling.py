@@ -14,6 +14,7 @@ import torch
 from test_losses import make_actor, make_batch, make_critic
 from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
 
+from dime_lightning.collection import CollectionPolicy, build_collector
 from dime_lightning.gaussian import TanhGaussianActor
 from dime_lightning.losses import actor_loss, critic_loss
 
@@ -119,3 +120,41 @@ def test_bf16_autocast_keeps_float32_where_required(actor_kind):
     # and the bf16 losses stay close to the float32 ones
     assert torch.allclose(critic_metrics["loss_critic"], reference_loss, rtol=0.02)
     assert torch.isfinite(actor_metrics["loss_actor"])
+
+
+def test_multiprocess_collection_through_the_cli(tmp_path):
+    result = run_fit(tmp_path, *SMOKE, "--data.env_id", "pid_env:PidPendulum-v0", "--data.num_workers", "2",
+                     "--data.frames_per_batch", "2")
+    assert result.returncode == 0, result.stderr[-4000:]
+    buffer = load_buffer(tmp_path / "ckpt" / "step-0000000300.buffer" / "rank0", 10_000)
+    process_ids = buffer.storage[:]["observation"][:, -1]  # the env's process id (tests/pid_env.py)
+    ids, counts = process_ids.unique(return_counts=True)
+    assert len(ids) == 2 and counts.tolist() == [150, 150]  # two env worker processes, half of the steps each
+
+
+class ConstantActor(torch.nn.Module):
+    """Acts with tanh(bias) everywhere: shows which weights a worker holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(1))
+
+    def act(self, observation: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.bias).expand(*observation.shape[:-1], 1)
+
+
+def test_worker_policies_receive_weights_and_the_warmup_flag():
+    policy = CollectionPolicy(ConstantActor(), action_dim=1, seed=0)
+    collector = build_collector("Pendulum-v1", policy, frames_per_batch=4, num_workers=2, seed=0)
+    try:
+        warmup = collector.next()["action"].reshape(-1)  # (2, 2) -> (4,)
+        assert len(warmup.unique()) == 4  # uniform random, different in each worker
+        with torch.no_grad():
+            policy.actor.bias.fill_(0.5)
+        policy.uniform.fill_(False)
+        collector.update_policy_weights_()
+        collector.next()  # a batch may already be under way with the old weights
+        acted = collector.next()["action"].reshape(-1)
+        assert torch.allclose(acted, torch.tanh(torch.tensor(0.5)).expand(4))
+    finally:
+        collector.shutdown()
