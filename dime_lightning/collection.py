@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModule
@@ -27,11 +29,16 @@ class CollectionPolicy(nn.Module):
     """Uniform random actions in [−1, 1] while the ``uniform`` flag is set (the random warm-up), then no-grad
     samples from the actor on whatever device the actor lives. The flag is a buffer, so multi-process
     collectors receive it with the weights. ``seed`` seeds the random actions of the in-process policy;
-    worker copies draw from their process's torch RNG (seeded per worker)."""
+    worker copies draw from their process's torch RNG (seeded per worker). ``act`` replaces ``actor.act`` in
+    this process (e.g. a compiled one); worker copies use ``actor.act``."""
 
-    def __init__(self, actor: nn.Module, action_dim: int, seed: int | None = None) -> None:
+    def __init__(
+        self, actor: nn.Module, action_dim: int, seed: int | None = None,
+        act: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.actor = actor
+        self.act = act
         self.action_dim = action_dim
         self.register_buffer("uniform", torch.tensor(True))
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -41,10 +48,10 @@ class CollectionPolicy(nn.Module):
             shape = (*observation.shape[:-1], self.action_dim)
             return torch.rand(shape, generator=self.generator) * 2.0 - 1.0
         device = next(self.actor.parameters()).device
-        return self.actor.act(observation.to(device)).to(observation.device)
+        return (self.act or self.actor.act)(observation.to(device)).to(observation.device)
 
-    def __getstate__(self) -> dict:  # worker copies: a torch.Generator does not pickle
-        return {**self.__dict__, "generator": None}
+    def __getstate__(self) -> dict:  # worker copies: neither a torch.Generator nor a compiled function pickles
+        return {**self.__dict__, "generator": None, "act": None}
 
 
 def _worker_env(env_id: str, seed: int) -> EnvBase:

@@ -125,7 +125,8 @@ class ReplayDataModule(pl.LightningDataModule):
             random.seed(rank_seed)
         self._updates_begin_after = self._local(hp.learning_starts)
         self._buffer = self.build_buffer()
-        self._policy = CollectionPolicy(self.trainer.lightning_module.actor, self.action_dim, seed=rank_seed)
+        module = self.trainer.lightning_module
+        self._policy = CollectionPolicy(module.actor, self.action_dim, seed=rank_seed, act=getattr(module, "act", None))
         self._collector = build_collector(hp.env_id, self._policy, hp.frames_per_batch, hp.num_workers, rank_seed)
 
     def build_buffer(self) -> TensorDictReplayBuffer:

@@ -27,6 +27,7 @@ from dime_lightning.schedule import UpdateSchedule
 from dime_lightning.temperature import Temperature
 
 ActorFactory = Callable[[int, int], nn.Module]
+CompileMode = Literal["none", "default", "reduce-overhead"]
 CriticFactory = Callable[[int, int], DistributionalCritic]
 TemperatureFactory = Callable[[int], Temperature]
 
@@ -50,6 +51,8 @@ class DIMEModule(pl.LightningModule):
         critic_entropy_coef: float = 0.005,
         check_finite: bool = True,
         nonfinite: Literal["stop", "skip"] = "stop",
+        compile_update: CompileMode = "none",
+        compile_act: CompileMode = "none",
     ) -> None:
         super().__init__()
         if obs_dim < 1 or action_dim < 1:
@@ -60,6 +63,9 @@ class DIMEModule(pl.LightningModule):
             raise ValueError(f"model.gamma must be in [0, 1], got {gamma}")
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"model.nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+        for name, mode in [("compile_update", compile_update), ("compile_act", compile_act)]:
+            if mode not in ("none", "default", "reduce-overhead"):
+                raise ValueError(f"model.{name} must be 'none', 'default' or 'reduce-overhead', got {mode!r}")
         if not 0.0 < policy_tau <= 1.0:
             raise ValueError(f"model.policy_tau must be in (0, 1], got {policy_tau}")
         for name, value in [("actor_lr", actor_lr), ("critic_lr", critic_lr), ("actor_grad_clip", actor_grad_clip)]:
@@ -74,6 +80,11 @@ class DIMEModule(pl.LightningModule):
         # policy_tau = 1 (the reference): the target actor is refreshed to the actor after every actor update,
         # so between refreshes it *is* the actor and no copy is kept.
         self.target_actor = copy.deepcopy(self.actor).requires_grad_(False) if policy_tau < 1.0 else None
+        # the update's two loss functions and acting, optionally through torch.compile (compiled on first call;
+        # "reduce-overhead" replays CUDA graphs on a GPU). Eager ("none") is the default.
+        self.critic_loss = maybe_compile(critic_loss, compile_update)
+        self.actor_loss = maybe_compile(actor_loss, compile_update)
+        self.act = maybe_compile(self.actor.act, compile_act)
         self.env_steps = 0
         self.critic_updates = 0
         self.actor_updates = 0
@@ -82,10 +93,12 @@ class DIMEModule(pl.LightningModule):
     # ---- optimizers: fetched in this order in training_step -------------------------------------------------
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         hp = self.hparams
-        optimizers = [adam(self.critic.parameters(), hp.critic_lr, tuple(hp.betas)),
-                      adam(self.actor.parameters(), hp.actor_lr, tuple(hp.betas))]
+        fused = self.device.type == "cuda"  # one kernel per optimizer step: the update is launch-bound on a GPU
+        optimizers = [adam(self.critic.parameters(), hp.critic_lr, tuple(hp.betas), fused),
+                      adam(self.actor.parameters(), hp.actor_lr, tuple(hp.betas), fused)]
         if self.temperature.log_alpha.requires_grad:  # fixed α has nothing to optimise
-            optimizers.append(torch.optim.Adam([self.temperature.log_alpha], lr=self.temperature.lr))
+            log_alpha = [self.temperature.log_alpha]
+            optimizers.append(torch.optim.Adam(log_alpha, lr=self.temperature.lr, fused=fused or None))
         return optimizers
 
     # ---- the update ---------------------------------------------------------------------------------------
@@ -95,30 +108,38 @@ class DIMEModule(pl.LightningModule):
             return
         critic_opt, actor_opt, *alpha_opt = self.optimizers()
         hp = self.hparams
+        logging = self._logging_step()
         actor_metrics = None
         for minibatch in batch.sample.unbind(0):  # (utd, B) -> utd × (B,)
             # 1. critic (ALGORITHM.md §2.2)
-            critic_metrics = critic_loss(self.critic, self.target_actor or self.actor, minibatch,
-                                         self.temperature.alpha(), hp.gamma, hp.critic_entropy_coef)
+            mark_compiled_step()
+            critic_metrics = self.critic_loss(self.critic, self.target_actor or self.actor, minibatch,
+                                              self.temperature.alpha(), hp.gamma, hp.critic_entropy_coef)
             if self._skip_nonfinite("loss_critic", critic_metrics["loss_critic"]):
                 continue
             critic_opt.zero_grad()
             self.manual_backward(critic_metrics["loss_critic"])
-            critic_metrics["grad_norm_critic"] = gradient_norm(self.critic.parameters())
+            if logging:
+                critic_metrics = critic_metrics.clone()  # a replayed CUDA graph reuses its output memory
+                critic_metrics["grad_norm_critic"] = gradient_norm(self.critic.parameters())
             critic_opt.step()
             average_running_statistics_(self.critic)  # DDP: one set of batch-renorm statistics (distributed.py)
             self.critic_updates += 1
             if not self.schedule.actor_due(self.critic_updates):
                 continue
             # 2. actor, every policy_delay-th critic update, on the same minibatch (§1.7)
-            actor_metrics = actor_loss(self.actor, self.critic, minibatch["observation"], self.temperature.alpha())
+            mark_compiled_step()
+            actor_metrics = self.actor_loss(self.actor, self.critic, minibatch["observation"],
+                                            self.temperature.alpha())
             if self._skip_nonfinite("loss_actor", actor_metrics["loss_actor"]):
                 actor_metrics = None
                 continue
             actor_opt.zero_grad()
             self.manual_backward(actor_metrics["loss_actor"])
             zero_nan_and_clip_gradients_(self.actor.parameters(), hp.actor_grad_clip)
-            actor_metrics["grad_norm_actor"] = gradient_norm(self.actor.parameters())
+            if logging:
+                actor_metrics = actor_metrics.clone()
+                actor_metrics["grad_norm_actor"] = gradient_norm(self.actor.parameters())
             actor_opt.step()
             # 3. temperature, from the actor batch's mean running cost (§3)
             actor_metrics.update(temperature_loss(self.temperature, actor_metrics["running_cost"]))
@@ -128,7 +149,7 @@ class DIMEModule(pl.LightningModule):
                 alpha_opt[0].step()
             self.refresh_target_actor()
             self.actor_updates += 1
-        if self._logging_step():
+        if logging:
             self._log_update(critic_metrics, actor_metrics)
 
     def _logging_step(self) -> bool:
@@ -196,3 +217,14 @@ class DIMEModule(pl.LightningModule):
         self.critic_updates = counters["critic_updates"]
         self.actor_updates = counters["actor_updates"]
         self.skipped_updates = counters.get("skipped_updates", 0)
+
+
+def maybe_compile(fn: Callable, mode: CompileMode) -> Callable:
+    """``fn`` itself for ``"none"``, else ``torch.compile(fn, mode=mode)`` (compiled lazily, on first call)."""
+    return fn if mode == "none" else torch.compile(fn, mode=mode)
+
+
+def mark_compiled_step() -> None:
+    """Tell CUDA-graph trees that a new update begins (outputs of earlier replays may be overwritten)."""
+    if torch.cuda.is_available():
+        torch.compiler.cudagraph_mark_step_begin()

@@ -13,10 +13,14 @@ import torch
 ACTOR_CRITIC_BETAS = (0.5, 0.999)
 
 
-def adam(params: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float] = ACTOR_CRITIC_BETAS):
+def adam(
+    params: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float] = ACTOR_CRITIC_BETAS,
+    fused: bool = False,
+):
+    """Adam over the trainable ``params``; ``fused`` (CUDA) updates all of them in one kernel."""
     if not lr > 0:
         raise ValueError(f"learning rate must be > 0, got {lr}")
-    return torch.optim.Adam([p for p in params if p.requires_grad], lr=lr, betas=betas)
+    return torch.optim.Adam([p for p in params if p.requires_grad], lr=lr, betas=betas, fused=fused or None)
 
 
 @torch.no_grad()
