@@ -13,6 +13,12 @@
 - ``act``: ms per action at batch 1 and actions/s at batch 256, diffusion (16 steps) and Gaussian.
 - ``memory``: peak RSS of a process holding a full 1M-transition buffer at Ant-v5 and Humanoid-v5 shapes,
   ``LazyTensorStorage`` (RAM) vs ``LazyMemmapStorage`` (files; its size on disk reported too).
+- ``speed`` (``--device cuda`` for the GPU numbers; runs on CPU too): per config (Ant-v5 shapes, CPU size and
+  paper size) and per compile mode (``--compile none default reduce-overhead``), ms per critic update, per
+  actor + temperature update, per action at batch 1 and 256, and per whole learning step (2 critic updates,
+  2/3 of an actor + temperature update, one action at batch 1), timed with device synchronisation.
+
+    python benchmarks/throughput.py --only speed --device cuda
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from dime_lightning.actor import DiffusionActor
 from dime_lightning.critic import DistributionalCritic
 from dime_lightning.gaussian import TanhGaussianActor
 from dime_lightning.losses import actor_loss, critic_loss, temperature_loss
+from dime_lightning.module import mark_compiled_step, maybe_compile
 from dime_lightning.optim import adam, zero_nan_and_clip_gradients_
 from dime_lightning.schedule import UpdateSchedule
 from dime_lightning.temperature import Temperature
@@ -152,6 +159,70 @@ def acting(actor, obs_dim: int, repeats: int) -> dict[str, float]:
             "actions_per_second_batch256": 256 * max(repeats // 10, 1) / (time.perf_counter() - start)}
 
 
+def _timed_ms(fn, repeats: int, device: torch.device) -> float:
+    for _ in range(3):  # compile, CUDA-graph recording and warm-up
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def speed(device: torch.device, mode: str, width: int, hidden: int, repeats: int, batch: int = 256) -> dict:
+    """ms per update / action / learning step at Ant-v5 shapes for one compile mode (the module's update code:
+    the same loss functions, fused Adam on CUDA, no host sync: check_finite off as for captured updates)."""
+    obs_dim, action_dim = SHAPES["Ant-v5"]
+    torch.manual_seed(0)
+    actor = DiffusionActor(obs_dim, action_dim, hidden_dim=hidden).to(device)
+    critic = DistributionalCritic(obs_dim, action_dim, hidden_dims=(width, width)).to(device)
+    temperature = Temperature(action_dim).to(device)
+    fused = device.type == "cuda"
+    critic_opt, actor_opt = adam(critic.parameters(), 3e-4, fused=fused), adam(actor.parameters(), 3e-4, fused=fused)
+    alpha_opt = torch.optim.Adam([temperature.log_alpha], lr=temperature.lr, fused=fused or None)
+    sample = random_batch(obs_dim, action_dim, batch).to(device)
+    critic_fn, actor_fn = maybe_compile(critic_loss, mode), maybe_compile(actor_loss, mode)
+    act1, act256 = maybe_compile(actor.act, mode), maybe_compile(actor.act, mode)  # one graph per batch size
+    obs1, obs256 = torch.randn(obs_dim, device=device), torch.randn(batch, obs_dim, device=device)
+
+    def critic_update() -> None:
+        mark_compiled_step()
+        loss = critic_fn(critic, actor, sample, temperature.alpha(), 0.99)["loss_critic"]
+        critic_opt.zero_grad()
+        loss.backward()
+        critic_opt.step()
+
+    def actor_update() -> None:
+        mark_compiled_step()
+        metrics = actor_fn(actor, critic, sample["observation"], temperature.alpha())
+        actor_opt.zero_grad()
+        metrics["loss_actor"].backward()
+        zero_nan_and_clip_gradients_(actor.parameters())
+        actor_opt.step()
+        alpha_opt.zero_grad()
+        temperature_loss(temperature, metrics["running_cost"])["loss_alpha"].backward()
+        alpha_opt.step()
+
+    def learning_steps() -> None:  # 3 env steps of the reference schedule: 6 critic, 2 actor updates, 3 actions
+        for step in range(3):
+            critic_update()
+            critic_update()
+            if step > 0:
+                actor_update()
+            act1(obs1)
+
+    result = {"critic_update_ms": _timed_ms(critic_update, repeats, device),
+              "actor_temperature_update_ms": _timed_ms(actor_update, repeats, device),
+              "act_batch1_ms": _timed_ms(lambda: act1(obs1), repeats, device),
+              "act_batch256_ms": _timed_ms(lambda: act256(obs256), repeats, device),
+              "learning_step_ms": _timed_ms(learning_steps, max(repeats // 3, 1), device) / 3}
+    result["env_steps_per_s_update_bound"] = 1e3 / result["learning_step_ms"]
+    return result
+
+
 MEMORY_CHILD = """
 import sys, tempfile, torch
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, TensorDictReplayBuffer
@@ -189,8 +260,11 @@ def memory(size: int) -> dict[str, dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=["overhead", "update", "act", "memory"],
-                        default=["overhead", "update", "act", "memory"])
+    parser.add_argument("--only", nargs="+", choices=["overhead", "update", "act", "memory", "speed"],
+                        default=["overhead", "update", "act", "memory", "speed"])
+    parser.add_argument("--device", default="cpu", help="device of the speed section (cpu, cuda)")
+    parser.add_argument("--compile", nargs="+", default=None, choices=["none", "default", "reduce-overhead"],
+                        help="compile modes of the speed section (default: none on CPU; all three on CUDA)")
     parser.add_argument("--steps", type=int, default=300, help="learning steps timed in each overhead loop")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes and counts: checks the script only")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
@@ -227,6 +301,17 @@ def main(argv: list[str] | None = None) -> int:
     if "memory" in args.only:
         results["memory"] = memory(10_000 if args.tiny else 1_000_000)
         print("memory", json.dumps(results["memory"]))
+    if "speed" in args.only:
+        device = torch.device(args.device)
+        modes = args.compile or (["none", "default", "reduce-overhead"] if device.type == "cuda" else ["none"])
+        configs = {"cpu_size_critic256": (32, 16), "paper_size_critic2048": (64, 16)} if args.tiny else {
+            "cpu_size_critic256": (256, 256), "paper_size_critic2048": (2048, 256)}
+        results["speed"] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+        for name, (width, hidden) in configs.items():
+            for mode in modes:
+                repeats = 2 if args.tiny else (30 if device.type == "cuda" else 5)
+                results["speed"][f"{name}/{mode}"] = speed(device, mode, width, hidden, repeats)
+                print("speed", name, mode, json.dumps(results["speed"][f"{name}/{mode}"]), flush=True)
     results["peak_rss_mb_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))

@@ -25,6 +25,10 @@ def test_throughput_benchmark_tiny(tmp_path):
     assert results["act"]["DIME"]["ms_per_action_batch1"] > 0
     assert {"baseline/memory", "Ant-v5/memory", "Ant-v5/memmap", "Humanoid-v5/memmap"} <= set(results["memory"])
     assert results["memory"]["Humanoid-v5/memmap"]["disk_mb"] > results["memory"]["Ant-v5/memmap"]["disk_mb"]
+    assert results["speed"]["device"] == "cpu"  # --device cuda on a GPU; eager only on CPU by default
+    for config in ("cpu_size_critic256/none", "paper_size_critic2048/none"):
+        timings = results["speed"][config]
+        assert timings["learning_step_ms"] > 0 and timings["act_batch256_ms"] > 0
 
 
 def test_learning_benchmark_tiny(tmp_path):
@@ -38,3 +42,18 @@ def test_learning_benchmark_tiny(tmp_path):
         assert len(run["coverage"]) == 4 and 0 <= run["modes_covered"] <= 4
         assert run["eval_curve"] and run["eval_curve"][-1][0] == 300
     assert (results / "bandit.png").stat().st_size > 0
+
+
+def test_bandit_sweep_tiny(tmp_path):
+    out = tmp_path / "sweep.json"
+    assert load("bandit_sweep").main(["--tiny", "--alphas", "0.05", "--seeds", "0", "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["method"] for r in runs] == ["DIME", "Gaussian"]
+    assert all(len(r["curve"]) == 3 and 0 <= r["modes_covered"] <= 4 for r in runs)
+
+
+def test_scaling_benchmark_tiny(tmp_path):
+    out = tmp_path / "scaling.json"
+    assert load("scaling").main(["--tiny", "--setups", "1 process, 1 thread", "--out", str(out)]) == 0
+    setup = json.loads(out.read_text())["setups"]["1 process, 1 thread"]
+    assert setup["env_steps_per_s"] > 0 and setup["updates_per_s"] == 2 * setup["env_steps_per_s"]
