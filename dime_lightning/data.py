@@ -48,6 +48,7 @@ class StepBatch:
 
     sample: TensorDict | None  # (utd, B) minibatches; None during the random warm-up
     env_steps: int  # env steps collected so far, summed over all ranks
+    env_error: str | None = None  # DDP: this rank's env gave non-finite data (all ranks stop together)
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,11 @@ class ReplayDataModule(pl.LightningDataModule):
             if hp.num_workers > 1:
                 self._collector.update_policy_weights_()  # actor weights and the warm-up flag to the workers
             rollout = self._collector.next()  # frames_per_batch transitions: (T,) or (workers, T / workers)
-            self._check_finite(rollout)
+            error = self._nonfinite_message(rollout)
+            if error is not None and self.world_size == 1:
+                raise NonFiniteError(error)
+            if error is not None:  # under DDP the module raises it on every rank (a lone raise would hang the rest)
+                return StepBatch(None, self.env_steps, env_error=error)
             self._pending = flatten_rollout(rollout)
         transition = self._pending.pop(0)
         self._buffer.add(transition.select(*TRANSITION_KEYS))
@@ -188,11 +193,13 @@ class ReplayDataModule(pl.LightningDataModule):
             sample = self._buffer.sample().reshape(hp.utd, hp.batch_size)  # (utd·B,) -> (utd, B)
         return StepBatch(sample, self.env_steps)
 
-    def _check_finite(self, rollout: TensorDictBase) -> None:
+    def _nonfinite_message(self, rollout: TensorDictBase) -> str | None:
         for key in (("next", "observation"), ("next", "reward")):
             if not bool(torch.isfinite(rollout[key]).all()):
-                raise NonFiniteError(f"non-finite {'/'.join(key)} from env {self.hparams.env_id} "
-                                     f"at env step {self.env_steps + self.world_size}")
+                where = f" on rank {self.rank}" if self.world_size > 1 else ""
+                return (f"non-finite {'/'.join(key)} from env {self.hparams.env_id} at env step "
+                        f"{self.env_steps + self.world_size}{where}")
+        return None
 
     def _record_episode(self, transition: TensorDictBase) -> None:
         if bool(transition["next", "done"].any()):

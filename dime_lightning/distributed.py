@@ -50,9 +50,10 @@ def is_distributed() -> bool:
 
 def all_ranks_true(flag: bool | torch.Tensor, device: torch.device) -> bool:
     """Whether ``flag`` holds on every rank (one all-reduce; the flag itself when not distributed)."""
+    if not is_distributed():
+        return bool(flag)
     value = torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(1)
-    if is_distributed():
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from dime_lightning.actor import DiffusionActor
 from dime_lightning.critic import DistributionalCritic
 from dime_lightning.data import StepBatch
-from dime_lightning.distributed import all_ranks_true, average_running_statistics_
+from dime_lightning.distributed import all_ranks_true, average_running_statistics_, is_distributed
 from dime_lightning.errors import NonFiniteError
 from dime_lightning.losses import actor_loss, critic_loss, temperature_loss
 from dime_lightning.optim import ACTOR_CRITIC_BETAS, adam, gradient_norm, zero_nan_and_clip_gradients_
@@ -104,6 +104,8 @@ class DIMEModule(pl.LightningModule):
     # ---- the update ---------------------------------------------------------------------------------------
     def training_step(self, batch: StepBatch, batch_idx: int) -> None:
         self.env_steps = batch.env_steps
+        if is_distributed() and not all_ranks_true(batch.env_error is None, self.device):
+            raise NonFiniteError(batch.env_error or f"non-finite env data on another rank at env step {self.env_steps}")
         if batch.sample is None:  # random warm-up: collect only
             return
         critic_opt, actor_opt, *alpha_opt = self.optimizers()
