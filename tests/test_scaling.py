@@ -201,3 +201,13 @@ def test_compiled_update_matches_eager(monkeypatch):
     # layer, so float rounding differences of ~1e-7 become parameter differences of up to ±lr there
     assert torch.allclose(compiled[1], eager[1], rtol=2e-3), (compiled, eager)
     assert not torch.equal(eager[0], eager[1])  # the update moved the losses
+
+
+def test_ddp_nonfinite_env_data_on_one_rank_stops_both(tmp_path):
+    result = run_fit(tmp_path, *SMOKE, "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                     "--data.env_id", "nan_env:NaNRewardOnRank1Pendulum-v0", timeout=300)
+    assert result.returncode == 3, result.stderr[-4000:]  # no hang: rank 0 learns of rank 1's NaN and stops too
+    assert "non-finite next/reward" in result.stderr and "on rank 1" in result.stderr
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert len(runs) == 1 and runs.status[0] == "FAILED"
