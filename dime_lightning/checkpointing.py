@@ -102,10 +102,17 @@ class EnvStepCheckpoint(Callback):
                 trainer.logger.experiment.log_artifact(trainer.logger.run_id, str(artifact), "checkpoints")
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt | SIGTERMException) and self.dirpath is not None:
+        # Saving is collective under DDP: Lightning stops all ranks at the same batch on SIGTERM (rank 0's
+        # signal is broadcast), but Ctrl-C reaches each process at its own point, so it saves nothing there.
+        interrupted = isinstance(exception, SIGTERMException) or (
+            isinstance(exception, KeyboardInterrupt) and trainer.world_size == 1)
+        if interrupted and self.dirpath is not None:
             path = self.save(trainer, pl_module)
             rank_zero_info(f"\nStopped at env step {pl_module.env_steps}; checkpoint {path}. "
                            "Resume with the same config and --ckpt_path last")
+        elif isinstance(exception, KeyboardInterrupt) and self.dirpath is not None:
+            rank_zero_info(f"\nStopped at env step {pl_module.env_steps} by Ctrl-C under DDP: no checkpoint written "
+                           "(the last periodic one is kept; SIGTERM stops all ranks together and writes one)")
 
     def save(self, trainer, pl_module) -> Path:
         stem = f"step-{pl_module.env_steps:010d}"

@@ -6,13 +6,14 @@
   ``next()`` returns ``frames_per_batch`` transitions, ``frames_per_batch / num_workers`` from each worker.
   Workers act with a CPU copy of the policy whose weights (and the warm-up flag) the learner pushes with
   ``update_policy_weights_()`` before every batch, so acting lags the learner by at most one batch. Worker
-  ``i`` of rank ``r`` seeds its env and its torch RNG with ``seed + 1000·r + 100·(i + 1)``.
+  ``i`` seeds its env and its torch RNG from ``numpy.random.SeedSequence([rank seed, i])``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModule
@@ -21,8 +22,6 @@ from torchrl.collectors import Collector, MultiSyncCollector
 from torchrl.envs import EnvBase
 
 from dime_lightning.envs import make_env
-
-WORKER_SEED_OFFSET = 100
 
 
 class CollectionPolicy(nn.Module):
@@ -60,6 +59,11 @@ def _worker_env(env_id: str, seed: int) -> EnvBase:
     return make_env(env_id, seed=seed)
 
 
+def worker_seed(seed: int, worker: int) -> int:
+    """A seed for env worker ``worker`` of the rank seeded with ``seed`` (distinct from every other pair)."""
+    return int(np.random.SeedSequence([seed, worker]).generate_state(1)[0])
+
+
 def build_collector(
     env_id: str, policy: CollectionPolicy, frames_per_batch: int, num_workers: int, seed: int
 ) -> Collector | MultiSyncCollector:
@@ -69,7 +73,7 @@ def build_collector(
                          auto_register_policy_transforms=False)
     return MultiSyncCollector(
         [_worker_env] * num_workers, module, frames_per_batch=frames_per_batch, total_frames=-1,
-        create_env_kwargs=[{"env_id": env_id, "seed": seed + WORKER_SEED_OFFSET * (i + 1)} for i in range(num_workers)],
+        create_env_kwargs=[{"env_id": env_id, "seed": worker_seed(seed, i)} for i in range(num_workers)],
         policy_device="cpu", env_device="cpu", storing_device="cpu",
     )
 

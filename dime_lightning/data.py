@@ -48,7 +48,7 @@ class StepBatch:
 
     sample: TensorDict | None  # (utd, B) minibatches; None during the random warm-up
     env_steps: int  # env steps collected so far, summed over all ranks
-    env_error: str | None = None  # DDP: this rank's env gave non-finite data (all ranks stop together)
+    env_error: Exception | None = None  # DDP: this rank's collection failed (the module stops every rank)
 
 
 @dataclass(frozen=True)
@@ -173,15 +173,12 @@ class ReplayDataModule(pl.LightningDataModule):
         """Take one env step on this rank, store it, and sample ``utd`` minibatches (after the warm-up)."""
         hp = self.hparams
         if not self._pending:
-            self._policy.uniform.fill_(self._local_steps < self._local(hp.learning_starts))  # random warm-up
-            if hp.num_workers > 1:
-                self._collector.update_policy_weights_()  # actor weights and the warm-up flag to the workers
-            rollout = self._collector.next()  # frames_per_batch transitions: (T,) or (workers, T / workers)
-            error = self._nonfinite_message(rollout)
-            if error is not None and self.world_size == 1:
-                raise NonFiniteError(error)
-            if error is not None:  # under DDP the module raises it on every rank (a lone raise would hang the rest)
-                return StepBatch(None, self.env_steps, env_error=error)
+            try:
+                rollout = self._collect()
+            except Exception as error:
+                if self.world_size == 1:
+                    raise
+                return StepBatch(None, self.env_steps, env_error=error)  # a lone raise would hang the other ranks
             self._pending = flatten_rollout(rollout)
         transition = self._pending.pop(0)
         self._buffer.add(transition.select(*TRANSITION_KEYS))
@@ -193,13 +190,18 @@ class ReplayDataModule(pl.LightningDataModule):
             sample = self._buffer.sample().reshape(hp.utd, hp.batch_size)  # (utd·B,) -> (utd, B)
         return StepBatch(sample, self.env_steps)
 
-    def _nonfinite_message(self, rollout: TensorDictBase) -> str | None:
+    def _collect(self) -> TensorDictBase:
+        """The next collector batch: frames_per_batch transitions, (T,) or (workers, T / workers)."""
+        self._policy.uniform.fill_(self._local_steps < self._local(self.hparams.learning_starts))  # random warm-up
+        if self.hparams.num_workers > 1:
+            self._collector.update_policy_weights_()  # actor weights and the warm-up flag to the workers
+        rollout = self._collector.next()
         for key in (("next", "observation"), ("next", "reward")):
             if not bool(torch.isfinite(rollout[key]).all()):
                 where = f" on rank {self.rank}" if self.world_size > 1 else ""
-                return (f"non-finite {'/'.join(key)} from env {self.hparams.env_id} at env step "
-                        f"{self.env_steps + self.world_size}{where}")
-        return None
+                raise NonFiniteError(f"non-finite {'/'.join(key)} from env {self.hparams.env_id} at env step "
+                                     f"{self.env_steps + self.world_size}{where}")
+        return rollout
 
     def _record_episode(self, transition: TensorDictBase) -> None:
         if bool(transition["next", "done"].any()):
@@ -251,7 +253,7 @@ class ReplayDataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore counters, this rank's RNG states and its replay buffer (setup('fit') has run)."""
-        ranks = state_dict["ranks"]
+        ranks = state_dict.get("ranks") or [state_dict]  # checkpoints before multi-process training: one rank
         if len(ranks) != self.world_size:
             raise ValueError(
                 f"the checkpoint was written by {len(ranks)} process(es) (trainer.devices × trainer.num_nodes) "
@@ -261,7 +263,7 @@ class ReplayDataModule(pl.LightningDataModule):
         self._local_steps = int(state_dict["local_steps"])
         state = ranks[self.rank]
         torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         np.random.set_state(state["numpy_rng"])  # noqa: NPY002
         random.setstate(state["python_rng"])

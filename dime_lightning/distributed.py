@@ -15,14 +15,19 @@ buffers are still synced once when the model is wrapped, so all ranks start from
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
+from torch.nn.parallel import DistributedDataParallel
 
 DDP_NAMES = ("ddp", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false")
-DDP_KWARGS = {"find_unused_parameters": True, "forward_sync_buffers": False}
+# torch >= 2.13 names the per-forward buffer broadcast `forward_sync_buffers`; older versions `broadcast_buffers`
+_DDP_ARGS = inspect.signature(DistributedDataParallel).parameters
+_SYNC_BUFFERS = "forward_sync_buffers" if "forward_sync_buffers" in _DDP_ARGS else "broadcast_buffers"
+DDP_KWARGS = {"find_unused_parameters": True, _SYNC_BUFFERS: False}
 
 
 def resolve_strategy(strategy: str | Strategy | None) -> str | Strategy | None:
@@ -34,6 +39,8 @@ def resolve_strategy(strategy: str | Strategy | None) -> str | Strategy | None:
     if isinstance(strategy, DDPStrategy):
         strategy._ddp_kwargs.update(DDP_KWARGS)  # a configured DDPStrategy keeps its other settings
         return strategy
+    if isinstance(strategy, Strategy) and not isinstance(strategy, SingleDeviceStrategy):
+        raise ValueError(f"trainer.strategy {type(strategy).__name__} is not supported: use 'auto' or 'ddp'")
     if strategy is None or isinstance(strategy, SingleDeviceStrategy) or strategy in ("auto", "single_device"):
         return strategy
     if strategy in DDP_NAMES:
@@ -55,6 +62,15 @@ def all_ranks_true(flag: bool | torch.Tensor, device: torch.device) -> bool:
     value = torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(1)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
+
+
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest ``value`` over ranks (one all-reduce; ``value`` itself when not distributed)."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float32, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dime_lightning.callbacks import EnvStepProgressBar, Evaluation, TrainingMonitor
@@ -49,6 +50,7 @@ TRAINER_DEFAULTS = {
     "devices": 1,
 }
 EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_SIGTERM = 2, 3, 143
+SUPPORTED_PRECISION = ("32", "32-true", "bf16-mixed")
 
 
 @dataclass
@@ -119,9 +121,11 @@ class DIMECLI(LightningCLI):
         uri = settings.resolved_uri()
         if settings.enabled:
             validate_tracking_uri(uri)
-        if str(config.get("precision")) in ("16", "16-mixed"):
-            raise ValueError("trainer.precision 16-mixed is not supported (its gradient scaler misbehaves with "
-                             "several optimizers under manual optimization): use bf16-mixed or 32")
+        precision = str(config.get("precision") or "32-true")
+        if precision not in SUPPORTED_PRECISION:
+            raise ValueError(f"trainer.precision {precision!r} is not supported: use 32-true or bf16-mixed "
+                             "(16-mixed's gradient scaler misbehaves with several optimizers stepped by hand; "
+                             "the *-true modes would run the diffusion chain and the entropy bound in low precision)")
         run_id, self.resume_path, saved_ranks = None, None, 0
         ckpt_path = self._get(self.config, "ckpt_path")
         resolved = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))
@@ -144,13 +148,16 @@ class DIMECLI(LightningCLI):
         if config.get("enable_progress_bar", True) is not False:
             callbacks.append(EnvStepProgressBar(refresh_rate=config.pop("progress_refresh_rate", 10)))
         trainer = self._instantiate_trainer(config, callbacks)
+        if trainer.world_size > 1:  # e.g. devices: 2 with strategy auto also makes a DDPStrategy: configure it too
+            resolve_strategy(trainer.strategy)
         if saved_ranks and saved_ranks != trainer.world_size:  # each rank resumes its own buffer and RNG state
             raise ValueError(
                 f"the checkpoint {self.resume_path} was written by {saved_ranks} process{'es' * (saved_ranks > 1)} "
                 f"(trainer.devices × trainer.num_nodes) but this run has {trainer.world_size}: resume with the same"
             )
         if settings.enabled:  # last: opening the store (also by constructing the logger) creates an sqlite file
-            check_tracking_uri(uri)
+            if rank_zero_only.rank == 0:  # the processes of other ranks (DDP, torchrun) do not touch the store
+                check_tracking_uri(uri)
             trainer.logger = DIMEMLFlowLogger(
                 experiment_name=settings.experiment_name or data.hparams.env_id,
                 run_name=settings.run_name,

@@ -19,7 +19,7 @@ from torch import nn
 from dime_lightning.actor import DiffusionActor
 from dime_lightning.critic import DistributionalCritic
 from dime_lightning.data import StepBatch
-from dime_lightning.distributed import all_ranks_true, average_running_statistics_, is_distributed
+from dime_lightning.distributed import all_ranks_true, average_running_statistics_, is_distributed, max_over_ranks
 from dime_lightning.errors import NonFiniteError
 from dime_lightning.losses import actor_loss, critic_loss, temperature_loss
 from dime_lightning.optim import ACTOR_CRITIC_BETAS, adam, gradient_norm, zero_nan_and_clip_gradients_
@@ -104,8 +104,8 @@ class DIMEModule(pl.LightningModule):
     # ---- the update ---------------------------------------------------------------------------------------
     def training_step(self, batch: StepBatch, batch_idx: int) -> None:
         self.env_steps = batch.env_steps
-        if is_distributed() and not all_ranks_true(batch.env_error is None, self.device):
-            raise NonFiniteError(batch.env_error or f"non-finite env data on another rank at env step {self.env_steps}")
+        if is_distributed():
+            self._stop_if_collection_failed(batch.env_error)
         if batch.sample is None:  # random warm-up: collect only
             return
         critic_opt, actor_opt, *alpha_opt = self.optimizers()
@@ -159,6 +159,17 @@ class DIMEModule(pl.LightningModule):
         only built then, since `self.log` costs ~0.3 ms per metric per call on a CPU."""
         connector = getattr(self.trainer, "_logger_connector", None)  # private: Lightning's own logging cadence
         return connector is None or connector.should_update_logs
+
+    def _stop_if_collection_failed(self, error: Exception | None) -> None:
+        """DDP: if any rank's collection failed, raise on every rank (one all-reduce per env step); a rank that
+        did not fail raises the same kind (non-finite data or other), naming the env step."""
+        code = max_over_ranks(0 if error is None else 1 if isinstance(error, NonFiniteError) else 2, self.device)
+        if code == 0:
+            return
+        if error is not None:
+            raise error
+        kind = NonFiniteError if code == 1 else RuntimeError
+        raise kind(f"collection failed on another rank at env step {self.env_steps} (see that rank's error)")
 
     def _skip_nonfinite(self, name: str, loss: torch.Tensor) -> bool:
         """With ``check_finite``: stop with a message naming the loss and env step, or (``nonfinite="skip"``)

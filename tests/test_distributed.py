@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,12 +12,17 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from dime_lightning.critic import DistributionalCritic
 from dime_lightning.distributed import (
+    DDP_KWARGS,
     all_ranks_true,
     average_running_statistics_,
     gather_objects,
     is_distributed,
+    max_over_ranks,
     resolve_strategy,
 )
+from dime_lightning.fit import build_cli
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _worker(rank: int, init_file: str, results) -> None:
@@ -31,6 +38,7 @@ def _worker(rank: int, init_file: str, results) -> None:
             "distributed": is_distributed(),
             "all_true": all_ranks_true(True, torch.device("cpu")),
             "one_false": all_ranks_true(rank == 0, torch.device("cpu")),
+            "max": max_over_ranks(2 * rank, torch.device("cpu")),
             "gathered": gather_objects({"rank": rank}),
             "before": before, "after": after,
         }
@@ -45,6 +53,7 @@ def test_collectives_in_a_two_process_group(tmp_path):
         assert results[rank]["distributed"] and results[rank]["all_true"]
         assert results[rank]["one_false"] is False  # rank 1's False reaches rank 0 too: both stop or skip
         assert results[rank]["gathered"] == [{"rank": 0}, {"rank": 1}]
+        assert results[rank]["max"] == 2
     before, after = results[0]["before"], results[1]["after"]
     assert before.keys() == after.keys() and len(before) == 12  # 2 critics × 3 batch-renorm layers × 2
     for key in before:
@@ -64,9 +73,19 @@ def test_strategy_resolution():
     strategy = resolve_strategy("ddp")
     assert isinstance(strategy, DDPStrategy)
     assert strategy._ddp_kwargs["find_unused_parameters"] is True
-    assert strategy._ddp_kwargs["forward_sync_buffers"] is False
+    assert strategy._ddp_kwargs == DDP_KWARGS and False in DDP_KWARGS.values()  # no per-forward buffer broadcast
     configured = resolve_strategy(DDPStrategy(timeout=None))
     assert configured._ddp_kwargs["find_unused_parameters"] is True
     assert resolve_strategy("auto") == "auto" and resolve_strategy(None) is None
+    with pytest.raises(ValueError, match="'ddp_spawn' is not supported"):
+        resolve_strategy("ddp_spawn")
     with pytest.raises(ValueError, match="'fsdp' is not supported"):
         resolve_strategy("fsdp")
+
+
+def test_several_devices_with_strategy_auto_get_the_ddp_settings(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["--config", str(CONF / "pendulum.yaml"), "--config", str(CONF / "smoke.yaml"),
+                     "--trainer.devices", "2", "--mlflow.enabled", "false"])
+    assert isinstance(cli.trainer.strategy, DDPStrategy) and cli.trainer.world_size == 2
+    assert cli.trainer.strategy._ddp_kwargs == DDP_KWARGS

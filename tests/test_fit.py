@@ -102,7 +102,8 @@ BAD_INPUTS = {
     "total < learning_starts": (["--data.total_env_steps", "50"], "total_env_steps"),
     "unknown env id": (["--data.env_id", "NoSuchEnv-v3"], "unknown env id 'NoSuchEnv-v3'"),
     "unknown nested key": (["--model.actor.num_stepz", "3"], "num_stepz"),
-    "16-mixed precision": (["--trainer.precision", "16-mixed"], "use bf16-mixed"),
+    "16-mixed precision": (["--trainer.precision", "16-mixed"], "use 32-true or bf16-mixed"),
+    "bf16-true precision": (["--trainer.precision", "bf16-true"], "'bf16-true' is not supported"),
     "unsupported strategy": (["--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"], "'ddp_spawn' is not"),
 }
 
