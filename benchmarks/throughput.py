@@ -59,31 +59,43 @@ def random_batch(obs_dim: int, action_dim: int, batch: int) -> TensorDict:
 
 
 class BareUpdater:
-    """The reference schedule without Lightning, collector or logging: the baseline of the overhead ratio."""
+    """The reference schedule without Lightning, collector or logging: the baseline of the overhead ratio, and
+    (with ``mode`` and ``fused``) the update timed by the ``speed`` section."""
 
-    def __init__(self, actor, critic, temperature, utd: int = 2, policy_delay: int = 3) -> None:
+    def __init__(self, actor, critic, temperature, utd: int = 2, policy_delay: int = 3, mode: str = "none",
+                 fused: bool = False) -> None:
         self.actor, self.critic, self.temperature = actor, critic, temperature
         self.schedule = UpdateSchedule(utd, policy_delay)
-        self.critic_opt, self.actor_opt = adam(critic.parameters(), 3e-4), adam(actor.parameters(), 3e-4)
-        self.alpha_opt = torch.optim.Adam([temperature.log_alpha], lr=temperature.lr)
+        self.critic_opt = adam(critic.parameters(), 3e-4, fused=fused)
+        self.actor_opt = adam(actor.parameters(), 3e-4, fused=fused)
+        self.alpha_opt = torch.optim.Adam([temperature.log_alpha], lr=temperature.lr, fused=fused or None)
+        self.critic_fn, self.actor_fn = maybe_compile(critic_loss, mode), maybe_compile(actor_loss, mode)
         self.critic_updates = 0
 
+    def critic_update(self, minibatch: TensorDict) -> None:
+        mark_compiled_step()
+        loss = self.critic_fn(self.critic, self.actor, minibatch, self.temperature.alpha(), 0.99)["loss_critic"]
+        self.critic_opt.zero_grad()
+        loss.backward()
+        self.critic_opt.step()
+
+    def actor_update(self, minibatch: TensorDict) -> None:
+        mark_compiled_step()
+        metrics = self.actor_fn(self.actor, self.critic, minibatch["observation"], self.temperature.alpha())
+        self.actor_opt.zero_grad()
+        metrics["loss_actor"].backward()
+        zero_nan_and_clip_gradients_(self.actor.parameters())
+        self.actor_opt.step()
+        self.alpha_opt.zero_grad()
+        temperature_loss(self.temperature, metrics["running_cost"])["loss_alpha"].backward()
+        self.alpha_opt.step()
+
     def env_step(self, sample: TensorDict) -> None:
-        for minibatch in sample.unbind(0):
-            loss = critic_loss(self.critic, self.actor, minibatch, self.temperature.alpha(), 0.99)["loss_critic"]
-            self.critic_opt.zero_grad()
-            loss.backward()
-            self.critic_opt.step()
+        for minibatch in sample.unbind(0):  # (utd, B) -> utd × (B,)
+            self.critic_update(minibatch)
             self.critic_updates += 1
             if self.schedule.actor_due(self.critic_updates):
-                metrics = actor_loss(self.actor, self.critic, minibatch["observation"], self.temperature.alpha())
-                self.actor_opt.zero_grad()
-                metrics["loss_actor"].backward()
-                zero_nan_and_clip_gradients_(self.actor.parameters())
-                self.actor_opt.step()
-                self.alpha_opt.zero_grad()
-                temperature_loss(self.temperature, metrics["running_cost"])["loss_alpha"].backward()
-                self.alpha_opt.step()
+                self.actor_update(minibatch)
 
 
 def update_ms(actor, critic, obs_dim: int, action_dim: int, steps: int, batch: int = 256) -> float:
@@ -179,43 +191,19 @@ def speed(device: torch.device, mode: str, width: int, hidden: int, repeats: int
     torch.manual_seed(0)
     actor = DiffusionActor(obs_dim, action_dim, hidden_dim=hidden).to(device)
     critic = DistributionalCritic(obs_dim, action_dim, hidden_dims=(width, width)).to(device)
-    temperature = Temperature(action_dim).to(device)
-    fused = device.type == "cuda"
-    critic_opt, actor_opt = adam(critic.parameters(), 3e-4, fused=fused), adam(actor.parameters(), 3e-4, fused=fused)
-    alpha_opt = torch.optim.Adam([temperature.log_alpha], lr=temperature.lr, fused=fused or None)
+    updater = BareUpdater(actor, critic, Temperature(action_dim).to(device), mode=mode, fused=device.type == "cuda")
     sample = random_batch(obs_dim, action_dim, batch).to(device)
-    critic_fn, actor_fn = maybe_compile(critic_loss, mode), maybe_compile(actor_loss, mode)
     act1, act256 = maybe_compile(actor.act, mode), maybe_compile(actor.act, mode)  # one graph per batch size
     obs1, obs256 = torch.randn(obs_dim, device=device), torch.randn(batch, obs_dim, device=device)
-
-    def critic_update() -> None:
-        mark_compiled_step()
-        loss = critic_fn(critic, actor, sample, temperature.alpha(), 0.99)["loss_critic"]
-        critic_opt.zero_grad()
-        loss.backward()
-        critic_opt.step()
-
-    def actor_update() -> None:
-        mark_compiled_step()
-        metrics = actor_fn(actor, critic, sample["observation"], temperature.alpha())
-        actor_opt.zero_grad()
-        metrics["loss_actor"].backward()
-        zero_nan_and_clip_gradients_(actor.parameters())
-        actor_opt.step()
-        alpha_opt.zero_grad()
-        temperature_loss(temperature, metrics["running_cost"])["loss_alpha"].backward()
-        alpha_opt.step()
+    samples = torch.stack([sample, sample])  # (utd, B)
 
     def learning_steps() -> None:  # 3 env steps of the reference schedule: 6 critic, 2 actor updates, 3 actions
-        for step in range(3):
-            critic_update()
-            critic_update()
-            if step > 0:
-                actor_update()
+        for _ in range(3):
+            updater.env_step(samples)
             act1(obs1)
 
-    result = {"critic_update_ms": _timed_ms(critic_update, repeats, device),
-              "actor_temperature_update_ms": _timed_ms(actor_update, repeats, device),
+    result = {"critic_update_ms": _timed_ms(lambda: updater.critic_update(sample), repeats, device),
+              "actor_temperature_update_ms": _timed_ms(lambda: updater.actor_update(sample), repeats, device),
               "act_batch1_ms": _timed_ms(lambda: act1(obs1), repeats, device),
               "act_batch256_ms": _timed_ms(lambda: act256(obs256), repeats, device),
               "learning_step_ms": _timed_ms(learning_steps, max(repeats // 3, 1), device) / 3}

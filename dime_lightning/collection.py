@@ -15,7 +15,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModule
 from torch import nn
 from torchrl.collectors import Collector, MultiSyncCollector
@@ -77,7 +76,3 @@ def build_collector(
         policy_device="cpu", env_device="cpu", storing_device="cpu",
     )
 
-
-def flatten_rollout(rollout: TensorDictBase) -> list[TensorDictBase]:
-    """Transitions of a collector batch in collection order per worker: (W, T) or (T,) -> W·T transitions."""
-    return list(rollout.reshape(-1).unbind(0))  # (W, T) -> (W·T,)

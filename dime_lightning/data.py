@@ -28,7 +28,7 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.collectors import Collector, MultiSyncCollector
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, TensorDictReplayBuffer
 
-from dime_lightning.collection import CollectionPolicy, build_collector, flatten_rollout
+from dime_lightning.collection import CollectionPolicy, build_collector
 from dime_lightning.distributed import gather_objects
 from dime_lightning.envs import env_spec
 from dime_lightning.errors import NonFiniteError
@@ -179,7 +179,7 @@ class ReplayDataModule(pl.LightningDataModule):
                 if self.world_size == 1:
                     raise
                 return StepBatch(None, self.env_steps, env_error=error)  # a lone raise would hang the other ranks
-            self._pending = flatten_rollout(rollout)
+            self._pending = list(rollout.reshape(-1).unbind(0))  # (T,) or (workers, T / workers) -> transitions
         transition = self._pending.pop(0)
         self._buffer.add(transition.select(*TRANSITION_KEYS))
         self.env_steps += self.world_size

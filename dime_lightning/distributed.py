@@ -57,11 +57,7 @@ def is_distributed() -> bool:
 
 def all_ranks_true(flag: bool | torch.Tensor, device: torch.device) -> bool:
     """Whether ``flag`` holds on every rank (one all-reduce; the flag itself when not distributed)."""
-    if not is_distributed():
-        return bool(flag)
-    value = torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(1)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
+    return max_over_ranks(0 if bool(flag) else 1, device) == 0
 
 
 def max_over_ranks(value: int, device: torch.device) -> int:

@@ -9,14 +9,10 @@ temperature's statistic is the mean log π and ``Temperature(target_per_dim=1.0)
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from dime_lightning.actor import ActorOutput, DiffusionActor, tanh_log_det_jacobian
-
-LOG_2PI = math.log(2.0 * math.pi)
+from dime_lightning.actor import LOG_2PI, ActorOutput, DiffusionActor, tanh_log_det_jacobian
 
 
 class TanhGaussianActor(nn.Module):

@@ -27,7 +27,7 @@ def run_fit(tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.Comple
     command = [sys.executable, "-m", "dime_lightning.fit", *args,
                "--mlflow.tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                "--checkpoint.dirpath", str(tmp_path / "ckpt"), "--trainer.enable_progress_bar", "false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}  # test envs and callbacks
     return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env=env)
 
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
+from test_fit import run_fit
 from test_losses import make_actor, make_batch, make_critic
 from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
 
@@ -23,14 +21,6 @@ from dime_lightning.optim import adam
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SMOKE = ["--config", str(CONF / "pendulum.yaml"), "--config", str(CONF / "smoke.yaml")]
-
-
-def run_fit(tmp_path: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "dime_lightning.fit", *args,
-               "--mlflow.tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-               "--checkpoint.dirpath", str(tmp_path / "ckpt"), "--trainer.enable_progress_bar", "false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
-    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def load_buffer(path: Path, size: int) -> TensorDictReplayBuffer:
