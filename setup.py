@@ -24,13 +24,19 @@ setup(
         "lightning>=2.6,<2.7",
         "jsonargparse[signatures]>=4.35",
         "gymnasium[mujoco]>=1.0,<2",
+        # MuJoCo below 4 so that Gymnasium MuJoCo v5 and dm_control share one environment: dm_control 1.0.50
+        # needs mujoco>=3.17 and fails on MuJoCo 4 (AttributeError: 'MjModel' object has no attribute
+        # 'flex_vertedge'), which gymnasium[mujoco] would otherwise pull. MuJoCo 4 is split into mujoco,
+        # mujoco-core and mujoco-studio; with this pin none of the 4.x parts is installed.
+        "mujoco>=3.2,<4",
         "mlflow>=3.0,<4",
         "matplotlib>=3.8",
         "numpy>=1.26",
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
-        "dmc": ["dm_control>=1.0.20"],
+        # dm_control 1.0.50 is the version tested with mujoco 3.17 (the newest MuJoCo below 4, see above).
+        "dmc": ["dm_control>=1.0.50,<1.1"],
     },
     entry_points={"console_scripts": ["dime-fit=dime_lightning.fit:main"]},
     classifiers=[
