@@ -11,6 +11,9 @@ Layout of ``checkpoint.dirpath`` (default ``checkpoints/<MLflow run id>``)::
 Order of writes: buffer dump into a temporary folder → rename; checkpoint into a temporary file → rename;
 ``last.ckpt`` re-linked atomically; only then are checkpoints beyond the ``keep`` newest deleted. A kill at
 any moment leaves the previous ``last.ckpt`` and everything it points to intact.
+
+Reading is weights-only (``safe_checkpoint``): a checkpoint or buffer dump that would need any type beyond
+tensors, plain containers and numpy's RNG-state array is refused before it is unpickled.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from dime_lightning.safe_checkpoint import UnsafeCheckpointError, check_buffer_dump, safe_load
+from dime_lightning.tracking import store_creation_lock
 
 STEP_PATTERN = re.compile(r"step-(\d+)\.ckpt")
 RUN_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
@@ -193,8 +198,9 @@ def resolve_checkpoint(
         try:
             import mlflow
 
-            downloaded = Path(mlflow.artifacts.download_artifacts(
-                run_id=ckpt_path, artifact_path="checkpoints/last.ckpt", tracking_uri=tracking_uri))
+            with store_creation_lock(tracking_uri or ""):
+                downloaded = Path(mlflow.artifacts.download_artifacts(
+                    run_id=ckpt_path, artifact_path="checkpoints/last.ckpt", tracking_uri=tracking_uri))
         except Exception as err:
             raise CheckpointError(f"--ckpt_path {ckpt_path}: no local {local_dir / 'last.ckpt'} and no checkpoint "
                                   f"artifact in MLflow run {ckpt_path} ({type(err).__name__}: {err})") from err
@@ -203,15 +209,30 @@ def resolve_checkpoint(
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load (memory-mapped) and sanity-check a checkpoint; a clear error for corrupt or foreign files."""
+    """Load (memory-mapped, weights only: see ``safe_checkpoint``) and sanity-check a checkpoint; a clear error
+    for corrupt, foreign or unsafe files."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = safe_load(path)
+    except UnsafeCheckpointError as err:
+        raise CheckpointError(str(err)) from err
     except Exception as err:
+        if isinstance(err, ValueError) and str(err).startswith(f"checkpoint {path} "):
+            raise CheckpointError(str(err)) from err
         raise CheckpointError(f"checkpoint {path} cannot be read (corrupt or truncated?): "
                               f"{type(err).__name__}: {err}") from err
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in REQUIRED_KEYS):
         raise CheckpointError(f"checkpoint {path} is not a dime_lightning checkpoint (missing {REQUIRED_KEYS})")
     return checkpoint
+
+
+def check_buffer_beside(checkpoint: dict[str, Any], path: Path) -> None:
+    """The replay-buffer dump a checkpoint names (beside it) holds plain data only (``check_buffer_dump``)."""
+    dump = (checkpoint.get("ReplayDataModule") or {}).get("buffer_dump")
+    if dump:
+        try:
+            check_buffer_dump(Path(path).parent / str(dump))
+        except ValueError as err:
+            raise CheckpointError(str(err)) from err
 
 
 def check_compatible(checkpoint: dict[str, Any], path: Path, obs_dim: int, action_dim: int) -> None:

@@ -24,6 +24,7 @@ from dime_lightning.callbacks import EnvStepProgressBar, Evaluation, TrainingMon
 from dime_lightning.checkpointing import (
     ConfigInCheckpoint,
     EnvStepCheckpoint,
+    check_buffer_beside,
     check_compatible,
     read_checkpoint,
     resolve_checkpoint,
@@ -32,6 +33,7 @@ from dime_lightning.data import ReplayDataModule
 from dime_lightning.distributed import resolve_strategy
 from dime_lightning.errors import NonFiniteError
 from dime_lightning.module import DIMEModule
+from dime_lightning.safe_checkpoint import checkpoint_globals
 from dime_lightning.tracking import (
     DEFAULT_TRACKING_URI,
     DIMEMLFlowLogger,
@@ -136,6 +138,7 @@ class DIMECLI(LightningCLI):
             self.resume_path = found.path
             checkpoint = read_checkpoint(found.path)
             check_compatible(checkpoint, found.path, data.obs_dim, data.action_dim)
+            check_buffer_beside(checkpoint, found.path)
             run_id = checkpoint.get("mlflow", {}).get("run_id")
             saved_ranks = len(checkpoint.get(type(data).__qualname__, {}).get("ranks", []))
             checkpointer.dirpath = checkpointer.dirpath or found.dirpath  # keep writing beside it
@@ -197,7 +200,8 @@ def build_cli(args: list[str] | None = None) -> DIMECLI:
 def main(args: list[str] | None = None) -> None:
     cli = build_cli(args)
     try:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_path, weights_only=False)
+        with checkpoint_globals():  # Lightning's own load of the (already checked) checkpoint: weights only
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_path, weights_only=True)
     except SIGTERMException as err:
         sys.stderr.write("dime_lightning.fit: stopped by SIGTERM (checkpoint written, MLflow run KILLED)\n")
         raise SystemExit(EXIT_SIGTERM) from err

@@ -1,6 +1,8 @@
 """MLflow tracking: the embedded default, the run record, resuming the same run, and its final status.
 
-- ``check_tracking_uri``: fail fast (before training) on an invalid or unreachable tracking URI.
+- ``check_tracking_uri``: fail fast (before training) on an invalid or unreachable tracking URI; an sqlite
+  store is created and migrated under a file lock (``store_creation_lock``), once, by whichever process
+  comes first.
 - ``DIMEMLFlowLogger``: Lightning's ``MLFlowLogger`` that can continue an existing run without duplicate or
   backwards steps, and whose final status can be set to KILLED.
 - ``MLflowRunInfo``: the resolved config (params + ``config.yaml``), package versions, and the run's status on
@@ -9,7 +11,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,20 @@ def validate_tracking_uri(uri: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def store_creation_lock(uri: str, timeout: float = 600.0) -> Iterator[None]:
+    """For an sqlite store: hold ``<db>.lock`` (a file lock) while the store is opened, so that of several
+    processes started together exactly one creates and migrates the schema and the others then find it ready
+    (MLflow's own creation is not safe against concurrent processes). Other stores: nothing to do."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
+
+    with FileLock(f"{uri[len('sqlite:///'):]}.lock", timeout=timeout):
+        yield
+
+
 def check_tracking_uri(uri: str) -> None:
     """Open the tracking store once (no retries) so that a bad URI fails before any training starts (an sqlite
     store is created by this)."""
@@ -48,7 +66,8 @@ def check_tracking_uri(uri: str) -> None:
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
     try:
-        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        with store_creation_lock(uri):
+            mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as err:  # mlflow raises many types for unreachable or malformed stores
         raise TrackingError(f"MLflow tracking URI {uri!r} is not usable: {type(err).__name__}: {err}") from err
     finally:
