@@ -16,6 +16,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["dime_lightning", "dime_lightning.*"]),
     include_package_data=True,
+    package_data={"dime_lightning": ["reference_data/*.csv", "reference_data/*.md"]},
     install_requires=[
         # Install the CPU build first on machines without CUDA: `pip install torch==2.13.0`.
         "torch>=2.5",
@@ -32,6 +33,10 @@ setup(
         "mlflow>=3.0,<4",
         "matplotlib>=3.8",
         "numpy>=1.26",
+        # IQM and stratified-bootstrap confidence intervals (compare --reference). rliable 1.2 needs arch<8, and
+        # arch 7.x fails to import with pandas 3 (TypeError in deprecate_kwarg), hence pandas<3.
+        "rliable>=1.2,<2",
+        "pandas>=2.2,<3",
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
