@@ -58,12 +58,16 @@ SUPPORTED_PRECISION = ("32", "32-true", "bf16-mixed")
 @dataclass
 class MLflowSettings:
     """MLflow tracking. ``tracking_uri``: None → $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working
-    directory (embedded, no server). ``experiment_name``: None → the env id."""
+    directory (embedded, no server). ``experiment_name``: None → the env id. Writes are queued (training never
+    waits for the store): ``max_pending`` records wait in memory, more go to ``mlflow-pending.jsonl`` beside the
+    checkpoints, as does whatever is undelivered ``flush_timeout`` seconds after training ends."""
 
     enabled: bool = True
     tracking_uri: str | None = None
     experiment_name: str | None = None
     run_name: str | None = None
+    max_pending: int = 10_000
+    flush_timeout: float = 60.0
 
     def resolved_uri(self) -> str:
         return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
@@ -123,6 +127,9 @@ class DIMECLI(LightningCLI):
         uri = settings.resolved_uri()
         if settings.enabled:
             validate_tracking_uri(uri)
+        if settings.max_pending < 1 or settings.flush_timeout < 0:
+            raise ValueError(f"mlflow.max_pending must be >= 1 and mlflow.flush_timeout >= 0, got "
+                             f"{settings.max_pending}, {settings.flush_timeout}")
         precision = str(config.get("precision") or "32-true")
         if precision not in SUPPORTED_PRECISION:
             raise ValueError(f"trainer.precision {precision!r} is not supported: use 32-true or bf16-mixed "
@@ -166,6 +173,9 @@ class DIMECLI(LightningCLI):
                 run_name=settings.run_name,
                 tracking_uri=uri,
                 run_id=run_id,
+                spill_dir=lambda: checkpointer.dirpath,
+                max_pending=settings.max_pending,
+                flush_timeout=settings.flush_timeout,
             )
         return trainer
 

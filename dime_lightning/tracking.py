@@ -4,7 +4,8 @@
   store is created and migrated under a file lock (``store_creation_lock``), once, by whichever process
   comes first.
 - ``DIMEMLFlowLogger``: Lightning's ``MLFlowLogger`` that can continue an existing run without duplicate or
-  backwards steps, and whose final status can be set to KILLED.
+  backwards steps, whose final status can be set to KILLED, and whose writes go through a bounded queue
+  that survives store outages (``tracking_queue``).
 - ``MLflowRunInfo``: the resolved config (params + ``config.yaml``), package versions, and the run's status on
   an exception: KILLED for Ctrl-C / SIGTERM, FAILED with the error as a tag otherwise.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from dime_lightning.tracking_queue import QueuedClient
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -81,12 +84,24 @@ def check_tracking_uri(uri: str) -> None:
 class DIMEMLFlowLogger(MLFlowLogger):
     """``MLFlowLogger`` that continues ``run_id`` when given: the run goes back to RUNNING, and each metric
     drops values at steps it already has, so a resumed run's history stays strictly increasing (the values
-    logged between the last checkpoint and a crash are kept, the replayed ones dropped)."""
+    logged between the last checkpoint and a crash are kept, the replayed ones dropped).
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    Every write goes through a ``QueuedClient`` (``tracking_queue``): training never waits for the store nor
+    fails with it. ``spill_dir``: where records beyond ``max_pending`` and those still undelivered
+    ``flush_timeout`` seconds after the end are kept (``mlflow-pending.jsonl``, beside the checkpoints)."""
+
+    def __init__(self, *args: Any, spill_dir: Callable[[], Path | None] | None = None, max_pending: int = 10_000,
+                 flush_timeout: float = 60.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.final_status: str | None = None
+        self.pending_file: Path | None = None
+        self._finalized = False
         self._logged_until: dict[str, int] | None = None if kwargs.get("run_id") is None else {}
+        # MLFlowLogger keeps its client in the private attribute `_mlflow_client` and writes through it
+        # (log_batch for metrics and params): wrapping it there queues Lightning's writes as well as ours.
+        self._mlflow_client = QueuedClient(self._mlflow_client, kwargs.get("tracking_uri") or "",
+                                           spill_dir or (lambda: None), max_pending=max_pending,
+                                           flush_timeout=flush_timeout)
 
     @property
     def experiment(self):
@@ -110,7 +125,14 @@ class DIMEMLFlowLogger(MLFlowLogger):
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
-        super().finalize(self.final_status or status)
+        """Queue the run's final status, then deliver everything (or keep the rest on disk, see ``close``)."""
+        if self._finalized or not self._initialized:  # `_initialized` (private): whether a run was opened
+            return
+        self._finalized = True
+        status = self.final_status or {"success": "FINISHED", "failed": "FAILED", "finished": "FINISHED"}.get(
+            status, status)
+        self._mlflow_client.set_terminated(self.run_id, status)
+        self.pending_file = self._mlflow_client.close()
 
 
 class MLflowRunInfo(Callback):
