@@ -1,11 +1,19 @@
-"""Compare MLflow runs: learning curves grouped by a param, mean ± spread across seeds, and a summary table.
+"""Compare MLflow runs: learning curves grouped by a param, the published reference beside them, and a table
+with the interquartile mean (IQM) and its stratified-bootstrap 95 % confidence interval.
 
     python -m dime_lightning.compare --experiment Pendulum-v1 [--metric eval/return_mean]
         [--group-by params.model.actor.class_path] [--tracking-uri sqlite:///mlflow.db] [--out curves.png]
+    python -m dime_lightning.compare --experiment dm_control/pendulum-swingup --reference paper
 
-Each group (e.g. DIME vs Gaussian) is one curve: the mean over its runs at each env step, with a band from
-the minimum to the maximum across runs. The table lists, per group, the number of runs, the final value
-(mean ± std across runs, each run's last logged value) and the mean wall time.
+Each group (e.g. DIME vs Gaussian) of each task (``params.data.env_id``; the experiment name when it is not
+logged) is one curve: the mean over its runs at each env step with a band from the minimum to the maximum
+across runs, and beside it the IQM over runs with its 95 % CI (rliable). ``--reference paper`` draws the
+published DIME runs of the same task (mean and min–max of 10 seeds, up to one published interval past your
+last point) and adds them to the table, at the published step nearest to your last step and at their own last
+step; a version mismatch (Gym v3 in the paper, Gymnasium v5 here) is written on the plot and in the table.
+With several DMC tasks in one experiment the table ends with the IQM over runs × tasks of normalised scores
+(return / 1000). The table lists per group: runs, the env step of the final value, the final value (mean ± std
+across runs), IQM and CI, and the mean wall time.
 """
 
 from __future__ import annotations
@@ -13,40 +21,59 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from dime_lightning import aggregates, reference
 from dime_lightning.tracking import DEFAULT_TRACKING_URI
 
 DEFAULT_GROUP = "params.model.actor.class_path"
+TASK_COLUMN = "params.data.env_id"
+REFERENCE_MARGIN = 24_000  # env steps of the published curve drawn past the last point of the runs
+AGGREGATE = "all DMC tasks (return / 1000)"
 
 
 class CompareError(ValueError):
-    """An unknown experiment, metric or grouping key; the message lists what exists."""
+    """An unknown experiment, metric, grouping key or reference task; the message lists what exists."""
 
 
 @dataclass
 class GroupCurve:
+    """One group's curve on one task: mean and min–max band, and the IQM with its 95 % CI."""
+
     label: str
     steps: np.ndarray  # (T,)
     mean: np.ndarray  # (T,)
     low: np.ndarray  # (T,)
     high: np.ndarray  # (T,)
     runs: int
+    task: str = ""
+    values: np.ndarray | None = None  # (T, runs)
+    iqm: np.ndarray | None = None  # (T,)
+    iqm_low: np.ndarray | None = None  # (T,)
+    iqm_high: np.ndarray | None = None  # (T,)
+    note: str = ""
+    reference_task: str = ""  # the published task, for reference curves
 
 
 def short_label(value: str) -> str:
-    """``dime_lightning.gaussian.TanhGaussianActor`` → ``Gaussian``; other values are kept."""
+    """``dime_lightning.gaussian.TanhGaussianActor`` → ``Gaussian``; other values are kept.
+
+    value: a group value, e.g. an actor class path."""
     names = {"DiffusionActor": "DIME", "TanhGaussianActor": "Gaussian"}
     tail = str(value).rpartition(".")[2]
     return names.get(tail, str(value))
 
 
 def find_runs(experiment: str, tracking_uri: str, group_by: str) -> pd.DataFrame:
-    """Runs of ``experiment`` (FINISHED, RUNNING, KILLED, FAILED) with a ``group`` column."""
+    """Runs of ``experiment`` (FINISHED, RUNNING, KILLED, FAILED) with ``group`` and ``task`` columns.
+
+    experiment: MLflow experiment name.
+    tracking_uri: MLflow tracking URI, e.g. ``sqlite:///mlflow.db``.
+    group_by: the run column whose values name the groups."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
@@ -62,6 +89,8 @@ def find_runs(experiment: str, tracking_uri: str, group_by: str) -> pd.DataFrame
         raise CompareError(f"unknown --group-by {group_by!r}; available: {keys}")
     runs = runs.copy()
     runs["group"] = runs[group_by].fillna("(unset)").map(short_label)
+    tasks = runs[TASK_COLUMN] if TASK_COLUMN in runs.columns else pd.Series(np.nan, index=runs.index)
+    runs["task"] = tasks.fillna(experiment)
     return runs
 
 
@@ -76,8 +105,23 @@ def _search(experiment_id: str, tracking_uri: str) -> pd.DataFrame:
         mlflow.set_tracking_uri(previous)
 
 
+def reference_matches(runs: pd.DataFrame, source: str) -> dict[str, reference.ReferenceTask]:
+    """Task (env id) → its published reference task; ``CompareError`` naming a task that has none.
+
+    runs: runs from ``find_runs``.
+    source: a reference source, e.g. ``paper``."""
+    try:
+        return {task: reference.reference_task(task, source) for task in sorted(runs.task.unique())}
+    except reference.ReferenceDataError as err:
+        raise CompareError(str(err)) from err
+
+
 def metric_histories(runs: pd.DataFrame, metric: str, tracking_uri: str) -> dict[str, pd.Series]:
-    """run id → the metric's values indexed by env step."""
+    """run id → the metric's values indexed by env step.
+
+    runs: runs from ``find_runs``.
+    metric: MLflow metric key, e.g. ``eval/return_mean``.
+    tracking_uri: MLflow tracking URI."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
@@ -92,66 +136,173 @@ def metric_histories(runs: pd.DataFrame, metric: str, tracking_uri: str) -> dict
     return histories
 
 
-def group_curves(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> list[GroupCurve]:
-    """Mean and min–max band per group over the env steps that all of the group's runs logged."""
+def _curve(label: str, task: str, steps: np.ndarray, values: np.ndarray, reps: int,
+           match: reference.ReferenceTask | None = None) -> GroupCurve:
+    iqm, iqm_low, iqm_high = aggregates.iqm_curve(values, reps=reps)
+    return GroupCurve(label, steps, values.mean(1), values.min(1), values.max(1), values.shape[1], task, values,
+                      iqm, iqm_low, iqm_high, match.note if match else "", match.task if match else "")
+
+
+def group_curves(runs: pd.DataFrame, histories: dict[str, pd.Series],
+                 reps: int = aggregates.DEFAULT_REPS) -> list[GroupCurve]:
+    """Per task and group: mean, min–max band and IQM with CI over the env steps that all its runs logged.
+
+    runs: runs from ``find_runs``.
+    histories: run id → metric values by env step, from ``metric_histories``.
+    reps: bootstrap replications of the IQM confidence intervals."""
     curves = []
-    for label, members in runs.groupby("group"):
+    for (task, label), members in runs.groupby(["task", "group"]):
         series = [histories[r] for r in members.run_id if r in histories]
         if not series:
             continue
         table = pd.concat(series, axis=1).sort_index().dropna()  # steps logged by every run of the group
         if table.empty:  # runs on different grids: fall back to the union, forward-filled
             table = pd.concat(series, axis=1).sort_index().ffill().dropna()
-        values = table.to_numpy()
-        curves.append(GroupCurve(str(label), table.index.to_numpy(), values.mean(1), values.min(1),
-                                 values.max(1), len(series)))
+        curves.append(_curve(str(label), str(task), table.index.to_numpy(), table.to_numpy(), reps))
     return curves
 
 
-def summary_table(runs: pd.DataFrame, histories: dict[str, pd.Series], metric: str) -> pd.DataFrame:
-    rows = []
-    for label, members in runs.groupby("group"):
-        finals = [histories[r].iloc[-1] for r in members.run_id if r in histories]
-        wall = (members.end_time - members.start_time).dt.total_seconds() / 60.0
-        rows.append({"group": label, "runs": len(finals), f"final {metric}": np.mean(finals) if finals else np.nan,
-                     "std": np.std(finals) if finals else np.nan, "wall minutes (mean)": wall.mean()})
-    return pd.DataFrame(rows).set_index("group")
+def reference_curves(curves: list[GroupCurve], matches: dict[str, reference.ReferenceTask],
+                     reps: int = aggregates.DEFAULT_REPS) -> list[GroupCurve]:
+    """The published curve of each task, up to ``REFERENCE_MARGIN`` env steps past the task's last point.
+
+    curves: the runs' curves from ``group_curves``.
+    matches: task → reference task, from ``reference_matches``.
+    reps: bootstrap replications of the IQM confidence intervals."""
+    out = []
+    for task, match in matches.items():
+        last = max((c.steps[-1] for c in curves if c.task == task), default=0)
+        steps, values = reference.reference_seeds(match.task, match.source)
+        keep = steps <= last + REFERENCE_MARGIN
+        out.append(_curve(f"{reference.SOURCE_LABELS[match.source]} ({match.task})", task, steps[keep],
+                          values[keep], reps, match))
+    return out
 
 
-def plot_curves(curves: list[GroupCurve], metric: str, title: str, ax=None):
+def _row(curve: GroupCurve, index: int, wall: float, reps: int) -> dict:
+    finals = curve.values[index]
+    interval = aggregates.iqm_ci(finals, reps=reps)
+    return {"task": curve.task, "group": curve.label, "runs": curve.runs, "env steps": int(curve.steps[index]),
+            "final": float(np.mean(finals)), "std": float(np.std(finals)), "IQM": interval.point,
+            "IQM 95% CI low": interval.low, "IQM 95% CI high": interval.high, "wall minutes (mean)": wall,
+            "note": curve.note}
+
+
+def summary_table(runs: pd.DataFrame, histories: dict[str, pd.Series], metric: str,
+                  curves: list[GroupCurve] | None = None, references: list[GroupCurve] | None = None,
+                  reps: int = aggregates.DEFAULT_REPS) -> pd.DataFrame:
+    """One row per task and group (and per reference point), plus the cross-task aggregate for several DMC tasks.
+
+    runs: runs from ``find_runs``.
+    histories: run id → metric values by env step.
+    metric: the metric's name (the ``final`` column is named after it).
+    curves: the runs' curves (computed from ``runs`` and ``histories`` when omitted).
+    references: published curves from ``reference_curves``, or None.
+    reps: bootstrap replications of the IQM confidence intervals."""
+    curves = group_curves(runs, histories, reps) if curves is None else curves
+    rows, finals = [], {}
+    for curve in curves:
+        members = runs[(runs.task == curve.task) & (runs.group == curve.label)]
+        ended = pd.to_datetime(members.end_time, utc=True)  # NaT while a run is still RUNNING
+        wall = float(((ended - pd.to_datetime(members.start_time, utc=True)).dt.total_seconds() / 60.0).mean())
+        rows.append(_row(curve, -1, wall, reps))
+        finals.setdefault(curve.label, {})[curve.task] = curve.values[-1]
+    for ref in references or []:
+        last = max(c.steps[-1] for c in curves if c.task == ref.task)
+        nearest = int(np.argmin(np.abs(ref.steps - last)))
+        rows.append(_row(ref, nearest, np.nan, reps))
+        finals.setdefault(ref.label, {})[ref.task] = ref.values[nearest]
+        steps, values = reference.reference_seeds(ref.reference_task)
+        if int(ref.steps[nearest]) != int(steps[-1]):  # also the published run's own last point
+            rows.append(_row(replace(ref, steps=steps, values=values), -1, np.nan, reps))
+    dmc_tasks = sorted({c.task for c in curves if c.task.startswith(reference.DMC_PREFIX)})
+    if len(dmc_tasks) > 1:
+        for label, per_task in finals.items():
+            scores = {t: aggregates.normalise_dmc(v) for t, v in per_task.items() if t in dmc_tasks}
+            if len(scores) == len(dmc_tasks):
+                interval = aggregates.aggregate_over_tasks(scores, reps=reps)
+                rows.append({"task": AGGREGATE, "group": label, "runs": interval.n, "IQM": interval.point,
+                             "IQM 95% CI low": interval.low, "IQM 95% CI high": interval.high, "note": ""})
+    table = pd.DataFrame(rows).rename(columns={"final": f"final {metric}"})
+    if table.task.nunique() == 1:
+        return table.drop(columns="task").set_index("group")
+    return table.set_index(["task", "group"])
+
+
+def plot_curves(curves: list[GroupCurve], metric: str, title: str, ax=None, iqm: bool = False):
+    """Draw curves on ``ax`` (a new figure when None): means with min–max bands, or IQMs with 95 % CIs.
+
+    curves: curves of one task (runs and references).
+    metric: y-axis label.
+    title: axes title.
+    ax: matplotlib axes, or None.
+    iqm: draw the IQM and its CI instead of the mean and min–max band."""
     import matplotlib.pyplot as plt
 
     if ax is None:
         _, ax = plt.subplots(figsize=(6.5, 4))
     for curve in curves:
-        line, = ax.plot(curve.steps, curve.mean, label=f"{curve.label} (n={curve.runs})")
-        ax.fill_between(curve.steps, curve.low, curve.high, color=line.get_color(), alpha=0.2)
+        centre, low, high = (curve.iqm, curve.iqm_low, curve.iqm_high) if iqm else (curve.mean, curve.low, curve.high)
+        style = "--" if curve.reference_task else "-"
+        label = f"{curve.label} (n={curve.runs})" + (f"\n[{curve.note}]" if curve.note else "")
+        line, = ax.plot(curve.steps, centre, style, marker="o", markersize=3, label=label)
+        ax.fill_between(curve.steps, low, high, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("env steps")
-    ax.set_ylabel(metric)
-    ax.set_title(title)
+    ax.set_ylabel(f"{metric} (IQM, 95% CI)" if iqm else metric)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     return ax
 
 
-def compare(experiment: str, metric: str = "eval/return_mean", group_by: str = DEFAULT_GROUP,
-            tracking_uri: str = DEFAULT_TRACKING_URI, out: Path | None = None):
-    """Find, group and plot; returns (curves, summary table, figure)."""
+def plot_comparison(curves: list[GroupCurve], references: list[GroupCurve], metric: str, experiment: str):
+    """One row per task: mean and min–max band (left), IQM and 95 % CI (right), references beside the runs.
+
+    curves: the runs' curves.
+    references: published curves (may be empty).
+    metric: y-axis label.
+    experiment: the experiment name, for the titles."""
     import matplotlib.pyplot as plt
 
-    runs = find_runs(experiment, tracking_uri, group_by)
-    histories = metric_histories(runs, metric, tracking_uri)
-    curves = group_curves(runs, histories)
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    plot_curves(curves, metric, f"{experiment}: mean and min–max over runs", ax)
+    tasks = sorted({c.task for c in curves})
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 4 * len(tasks)), squeeze=False)
+    for row, task in enumerate(tasks):
+        shown = [c for c in curves if c.task == task] + [r for r in references if r.task == task]
+        name = task if task == experiment else f"{experiment}: {task}"
+        plot_curves(shown, metric, f"{name}: mean and min–max over runs", axes[row, 0])
+        plot_curves(shown, metric, f"{name}: IQM over runs, stratified-bootstrap 95% CI", axes[row, 1], iqm=True)
     fig.tight_layout()
+    return fig
+
+
+def compare(experiment: str, metric: str = "eval/return_mean", group_by: str = DEFAULT_GROUP,
+            tracking_uri: str = DEFAULT_TRACKING_URI, out: Path | None = None, reference_source: str | None = None,
+            reps: int = aggregates.DEFAULT_REPS):
+    """Find, group, aggregate and plot; returns (curves, summary table, figure).
+
+    experiment: MLflow experiment name.
+    metric: MLflow metric key.
+    group_by: the run column whose values name the groups.
+    tracking_uri: MLflow tracking URI.
+    out: PNG path, or None to write nothing.
+    reference_source: ``paper`` to add the published curves of the same tasks, or None.
+    reps: bootstrap replications of the IQM confidence intervals."""
+    runs = find_runs(experiment, tracking_uri, group_by)
+    matches = reference_matches(runs, reference_source) if reference_source else {}
+    histories = metric_histories(runs, metric, tracking_uri)
+    curves = group_curves(runs, histories, reps)
+    references = reference_curves(curves, matches, reps)
+    fig = plot_comparison(curves, references, metric, experiment)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=120)
-    return curves, summary_table(runs, histories, metric), fig
+    return curves, summary_table(runs, histories, metric, curves, references, reps), fig
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code (2 for unknown names).
+
+    argv: arguments (default: ``sys.argv[1:]``)."""
     parser = argparse.ArgumentParser(prog="python -m dime_lightning.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", required=True, help="MLflow experiment name (default name: the env id)")
@@ -159,14 +310,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-by", default=DEFAULT_GROUP, help="a run column, e.g. params.seed_everything")
     parser.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     parser.add_argument("--out", type=Path, default=Path("curves.png"))
+    parser.add_argument("--reference", choices=sorted(reference.SOURCES), default=None,
+                        help="draw the published curves of the same tasks (paper: the DIME authors' 10 seeds)")
+    parser.add_argument("--reps", type=int, default=aggregates.DEFAULT_REPS, help="bootstrap replications")
+    parser.add_argument("--csv", type=Path, default=None, help="also write the table as CSV")
     args = parser.parse_args(argv)
+    if args.reps < 1:
+        parser.error(f"--reps must be >= 1, got {args.reps}")
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     try:
-        _, table, _ = compare(args.experiment, args.metric, args.group_by, uri, args.out)
+        _, table, _ = compare(args.experiment, args.metric, args.group_by, uri, args.out, args.reference, args.reps)
     except CompareError as err:
         sys.stderr.write(f"dime_lightning.compare: error: {err}\n")
         return 2
-    print(table.to_string(float_format=lambda v: f"{v:.4g}"))
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
+        print(table.to_string(float_format=lambda v: f"{v:.4g}"))
+    if args.csv is not None:
+        table.to_csv(args.csv)
+        print(f"wrote {args.csv}")
     print(f"wrote {args.out}")
     return 0
 
