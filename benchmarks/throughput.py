@@ -5,18 +5,21 @@
     python benchmarks/throughput.py --tiny                # seconds; used by the tests
 
 - ``overhead``: env steps/s of the real fit loop (CLI → Lightning → collector → buffer → update → MLflow;
-  evaluation and checkpoints off) divided by a bare loop that calls the same loss functions and optimizers on
-  the same modules with same-shaped batches drawn from a pre-filled buffer. Both on Pendulum-v1 at
-  conf/pendulum.yaml sizes, timed over the same number of learning steps.
+  evaluation and checkpoints off) divided by a bare loop that calls the trainer's own update object
+  (``dime_lightning.update.DIMEUpdate``) on copies of the same modules with same-shaped batches drawn from a
+  pre-filled buffer. Both on Pendulum-v1 at conf/pendulum.yaml sizes, timed over the same number of learning
+  steps.
 - ``update``: ms of updates per env step (2 critic updates + 2/3 actor and temperature update) for the
   diffusion and the Gaussian actor, at CPU size (critic 256) and paper size (critic 2048), Ant-v5 shapes.
 - ``act``: ms per action at batch 1 and actions/s at batch 256, diffusion (16 steps) and Gaussian.
 - ``memory``: peak RSS of a process holding a full 1M-transition buffer at Ant-v5 and Humanoid-v5 shapes,
   ``LazyTensorStorage`` (RAM) vs ``LazyMemmapStorage`` (files; its size on disk reported too).
 - ``speed`` (``--device cuda`` for the GPU numbers; runs on CPU too): per config (Ant-v5 shapes, CPU size and
-  paper size) and per compile mode (``--compile none default reduce-overhead``), ms per critic update, per
-  actor + temperature update, per action at batch 1 and 256, and per whole learning step (2 critic updates,
-  2/3 of an actor + temperature update, one action at batch 1), timed with device synchronisation.
+  paper size) and per compile mode (``--compile none default reduce-overhead whole``): ms of updates per env
+  step (2 critic updates, 2/3 of an actor + temperature update), per critic update and per actor +
+  temperature update (not for "whole", which compiles the env step, not its parts), per action at batch 1
+  and 256, and per learning step (the updates and one action at batch 1 fetched to the host), timed with
+  device synchronisation.
 
     python benchmarks/throughput.py --only speed --device cuda
 """
@@ -40,11 +43,8 @@ from tensordict import TensorDict
 from dime_lightning.actor import DiffusionActor
 from dime_lightning.critic import DistributionalCritic
 from dime_lightning.gaussian import TanhGaussianActor
-from dime_lightning.losses import actor_loss, critic_loss, temperature_loss
-from dime_lightning.module import mark_compiled_step, maybe_compile
-from dime_lightning.optim import adam, zero_nan_and_clip_gradients_
-from dime_lightning.schedule import UpdateSchedule
 from dime_lightning.temperature import Temperature
+from dime_lightning.update import DIMEUpdate, maybe_compile
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"Ant-v5": (105, 8), "Humanoid-v5": (348, 17)}
@@ -58,53 +58,21 @@ def random_batch(obs_dim: int, action_dim: int, batch: int) -> TensorDict:
     }, batch_size=[batch])
 
 
-class BareUpdater:
-    """The reference schedule without Lightning, collector or logging: the baseline of the overhead ratio, and
-    (with ``mode`` and ``fused``) the update timed by the ``speed`` section."""
-
-    def __init__(self, actor, critic, temperature, utd: int = 2, policy_delay: int = 3, mode: str = "none",
-                 fused: bool = False) -> None:
-        self.actor, self.critic, self.temperature = actor, critic, temperature
-        self.schedule = UpdateSchedule(utd, policy_delay)
-        self.critic_opt = adam(critic.parameters(), 3e-4, fused=fused)
-        self.actor_opt = adam(actor.parameters(), 3e-4, fused=fused)
-        self.alpha_opt = torch.optim.Adam([temperature.log_alpha], lr=temperature.lr, fused=fused or None)
-        self.critic_fn, self.actor_fn = maybe_compile(critic_loss, mode), maybe_compile(actor_loss, mode)
-        self.critic_updates = 0
-
-    def critic_update(self, minibatch: TensorDict) -> None:
-        mark_compiled_step()
-        loss = self.critic_fn(self.critic, self.actor, minibatch, self.temperature.alpha(), 0.99)["loss_critic"]
-        self.critic_opt.zero_grad()
-        loss.backward()
-        self.critic_opt.step()
-
-    def actor_update(self, minibatch: TensorDict) -> None:
-        mark_compiled_step()
-        metrics = self.actor_fn(self.actor, self.critic, minibatch["observation"], self.temperature.alpha())
-        self.actor_opt.zero_grad()
-        metrics["loss_actor"].backward()
-        zero_nan_and_clip_gradients_(self.actor.parameters())
-        self.actor_opt.step()
-        self.alpha_opt.zero_grad()
-        temperature_loss(self.temperature, metrics["running_cost"])["loss_alpha"].backward()
-        self.alpha_opt.step()
-
-    def env_step(self, sample: TensorDict) -> None:
-        for minibatch in sample.unbind(0):  # (utd, B) -> utd × (B,)
-            self.critic_update(minibatch)
-            self.critic_updates += 1
-            if self.schedule.actor_due(self.critic_updates):
-                self.actor_update(minibatch)
+def updater(actor, critic, temperature, mode: str = "none", fused: bool = False) -> DIMEUpdate:
+    """The trainer's own update object (update.py) with the paper's settings; no host sync (check_finite off,
+    as for captured updates, except in "whole" mode whose check is deferred)."""
+    update = DIMEUpdate(actor, critic, temperature, compile=mode, check_finite=mode == "whole")
+    update.build_optimizers(fused=fused)
+    return update
 
 
 def update_ms(actor, critic, obs_dim: int, action_dim: int, steps: int, batch: int = 256) -> float:
-    updater = BareUpdater(actor, critic, Temperature(action_dim))
+    update = updater(actor, critic, Temperature(action_dim))
     sample = torch.stack([random_batch(obs_dim, action_dim, batch) for _ in range(2)])  # (utd, B)
-    updater.env_step(sample)  # warm-up
+    update(sample)  # warm-up
     start = time.perf_counter()
     for _ in range(steps):
-        updater.env_step(sample)
+        update(sample)
     return (time.perf_counter() - start) / steps * 1e3
 
 
@@ -149,11 +117,11 @@ def bare_loop_steps_per_second(cli, steps: int) -> float:
     buffer.extend(random_batch(obs_dim, action_dim, 10_000))
     import copy
 
-    updater = BareUpdater(copy.deepcopy(model.actor), copy.deepcopy(model.critic), copy.deepcopy(model.temperature))
-    updater.env_step(buffer.sample().reshape(2, batch))
+    update = updater(copy.deepcopy(model.actor), copy.deepcopy(model.critic), copy.deepcopy(model.temperature))
+    update(buffer.sample().reshape(2, batch))
     start = time.perf_counter()
     for _ in range(steps):
-        updater.env_step(buffer.sample().reshape(2, batch))  # (2·B,) -> (utd, B)
+        update(buffer.sample().reshape(2, batch))  # (2·B,) -> (utd, B)
     return steps / (time.perf_counter() - start)
 
 
@@ -191,22 +159,30 @@ def speed(device: torch.device, mode: str, width: int, hidden: int, repeats: int
     torch.manual_seed(0)
     actor = DiffusionActor(obs_dim, action_dim, hidden_dim=hidden).to(device)
     critic = DistributionalCritic(obs_dim, action_dim, hidden_dims=(width, width)).to(device)
-    updater = BareUpdater(actor, critic, Temperature(action_dim).to(device), mode=mode, fused=device.type == "cuda")
+    update = updater(actor, critic, Temperature(action_dim).to(device), mode, fused=device.type == "cuda")
     sample = random_batch(obs_dim, action_dim, batch).to(device)
-    act1, act256 = maybe_compile(actor.act, mode), maybe_compile(actor.act, mode)  # one graph per batch size
+    # acting beside "whole": compiled, and replayed as a CUDA graph on a GPU (model.compile_act)
+    act_mode = ("reduce-overhead" if device.type == "cuda" else "default") if mode == "whole" else mode
+    act1, act256 = maybe_compile(actor.act, act_mode), maybe_compile(actor.act, act_mode)  # a graph per batch size
     obs1, obs256 = torch.randn(obs_dim, device=device), torch.randn(batch, obs_dim, device=device)
     samples = torch.stack([sample, sample])  # (utd, B)
 
-    def learning_steps() -> None:  # 3 env steps of the reference schedule: 6 critic, 2 actor updates, 3 actions
+    def updates() -> None:  # 3 env steps of the reference schedule: 6 critic and 2 actor updates
         for _ in range(3):
-            updater.env_step(samples)
-            act1(obs1)
+            update(samples)
 
-    result = {"critic_update_ms": _timed_ms(lambda: updater.critic_update(sample), repeats, device),
-              "actor_temperature_update_ms": _timed_ms(lambda: updater.actor_update(sample), repeats, device),
+    def learning_steps() -> None:  # the same with one action at batch 1 per env step, fetched to the host
+        for _ in range(3):
+            update(samples)
+            act1(obs1).cpu()
+
+    result = {"updates_per_env_step_ms": _timed_ms(updates, max(repeats // 3, 1), device) / 3,
               "act_batch1_ms": _timed_ms(lambda: act1(obs1), repeats, device),
               "act_batch256_ms": _timed_ms(lambda: act256(obs256), repeats, device),
               "learning_step_ms": _timed_ms(learning_steps, max(repeats // 3, 1), device) / 3}
+    if mode != "whole":  # "whole" compiles the env step, not its parts
+        result["critic_update_ms"] = _timed_ms(lambda: update.critic_update(sample), repeats, device)
+        result["actor_temperature_update_ms"] = _timed_ms(lambda: update.actor_update(sample), repeats, device)
     result["env_steps_per_s_update_bound"] = 1e3 / result["learning_step_ms"]
     return result
 
@@ -251,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=["overhead", "update", "act", "memory", "speed"],
                         default=["overhead", "update", "act", "memory", "speed"])
     parser.add_argument("--device", default="cpu", help="device of the speed section (cpu, cuda)")
-    parser.add_argument("--compile", nargs="+", default=None, choices=["none", "default", "reduce-overhead"],
-                        help="compile modes of the speed section (default: none on CPU; all three on CUDA)")
+    parser.add_argument("--compile", nargs="+", default=None, choices=["none", "default", "reduce-overhead", "whole"],
+                        help="compile modes of the speed section (default: none on CPU; all four on CUDA)")
     parser.add_argument("--steps", type=int, default=300, help="learning steps timed in each overhead loop")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes and counts: checks the script only")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
@@ -291,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         print("memory", json.dumps(results["memory"]))
     if "speed" in args.only:
         device = torch.device(args.device)
-        modes = args.compile or (["none", "default", "reduce-overhead"] if device.type == "cuda" else ["none"])
+        modes = args.compile or (["none", "default", "reduce-overhead", "whole"] if device.type == "cuda" else ["none"])
         configs = {"cpu_size_critic256": (32, 16), "paper_size_critic2048": (64, 16)} if args.tiny else {
             "cpu_size_critic256": (256, 256), "paper_size_critic2048": (2048, 256)}
         results["speed"] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}

@@ -19,11 +19,17 @@ from dime_lightning.actor import dense
 
 
 class BatchRenorm(BatchRenorm1d):
-    """TorchRL's ``BatchRenorm1d`` with its warm-up counter saturating at ``warmup_steps``.
+    """Batch renormalisation (TorchRL's ``BatchRenorm1d`` parameters, buffers and conventions) with a forward of
+    its own, for two reasons found by measurement:
 
-    TorchRL 0.14 computes the warm-up factor as ``num_batches_tracked // warmup_steps`` but its clamp of the
-    counter is not in place, so the factor would reach 2, 3, … after 2×, 3× the warm-up and scale r − 1
-    and d beyond their limits. Clamping in place keeps the factor at 1 after the warm-up.
+    - TorchRL 0.14 computes the warm-up factor as ``num_batches_tracked // warmup_steps`` but its clamp of the
+      counter is not in place, so the factor would reach 2, 3, … after 2×, 3× the warm-up and scale r − 1 and
+      d beyond their limits. Here the counter saturates at ``warmup_steps``.
+    - Under ``torch.compile`` the backward pass reads the running statistics *after* the forward updated them
+      in place (the compiled backward recomputes r and d from the mutated buffers), which gives wrong
+      gradients once the warm-up is over. With ``defer_statistics`` set, a train-mode forward writes the new
+      statistics to side buffers and ``commit_statistics_()`` (called after the backward) applies them. Without
+      it (the default) they are applied at once, as in TorchRL.
 
     Conventions (checked against ALGORITHM.md §2.1 in the tests): running stat ← (1 − momentum)·stat +
     momentum·batch, so Flax momentum 0.99 is ``momentum=0.01`` here; the running variance tracks the unbiased
@@ -31,14 +37,58 @@ class BatchRenorm(BatchRenorm1d):
     forward has no host sync.
     """
 
+    def __init__(self, num_features: int, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.defer_statistics = False
+        for name in ("running_mean", "running_var", "num_batches_tracked"):  # not checkpointed
+            self.register_buffer(f"pending_{name}", getattr(self, name).clone(), persistent=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        saturate = self.training and self.warmup_steps > 0
-        if saturate:  # also covers a counter loaded from elsewhere
-            self.num_batches_tracked.clamp_(max=self.warmup_steps)
-        out = super().forward(x)
-        if saturate:
-            self.num_batches_tracked.clamp_(max=self.warmup_steps)
-        return out
+        if x.dim() < 2:
+            raise ValueError(f"{type(self).__name__} expects a 2D (or more) tensor, got {x.dim()}D")
+        view = [1, x.shape[1]] + [1] * (x.dim() - 2)  # (C,) -> broadcastable over (N, C, ...)
+        running_std = (self.running_var + self.eps).sqrt()
+        if not self.training:
+            x = (x - self.running_mean.view(view)) / running_std.view(view)
+            return self.weight.view(view) * x + self.bias.view(view)
+        reduce = [i for i in range(x.dim()) if i != 1]
+        b_mean, b_var = x.mean(reduce), x.var(reduce, unbiased=False)
+        b_std = (b_var + self.eps).sqrt()
+        r = torch.clamp(b_std.detach() / running_std, 1 / self.max_r, self.max_r)
+        d = torch.clamp((b_mean.detach() - self.running_mean) / running_std, -self.max_d, self.max_d)
+        count = self.num_batches_tracked
+        if self.warmup_steps > 0:  # 0 during the warm-up, 1 after it
+            count = count.clamp(max=self.warmup_steps)
+            factor = count / self.warmup_steps if self.smooth else count // self.warmup_steps
+            r = 1.0 + (r - 1.0) * factor
+            d = d * factor
+        x = (x - b_mean.view(view)) / b_std.view(view) * r.view(view) + d.view(view)
+        with torch.no_grad():
+            rows = x.numel() // x.shape[1]
+            unbiased_var = b_var * rows / (rows - 1)
+            mean, var = self.running_mean, self.running_var
+            self.pending_running_var.copy_(var + self.momentum * (unbiased_var.to(var.dtype) - var))
+            self.pending_running_mean.copy_(mean + self.momentum * (b_mean.to(mean.dtype) - mean))
+            new_count = count + 1
+            self.pending_num_batches_tracked.copy_(
+                new_count.clamp(max=self.warmup_steps) if self.warmup_steps > 0 else new_count)
+        if not self.defer_statistics:
+            self.commit_statistics_()
+        return self.weight.view(view) * x + self.bias.view(view)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        with torch.no_grad():  # nothing pending after a load
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                getattr(self, f"pending_{name}").copy_(getattr(self, name))
+
+    @torch.no_grad()
+    def commit_statistics_(self) -> None:
+        """Apply the statistics of the last train-mode forward (a no-op for a forward already applied); call it
+        only after a train-mode forward."""
+        self.running_mean.copy_(self.pending_running_mean)
+        self.running_var.copy_(self.pending_running_var)
+        self.num_batches_tracked.copy_(self.pending_num_batches_tracked)
 
 
 def _critic_mlp(
@@ -109,6 +159,19 @@ class DistributionalCritic(nn.Module):
     def q_values(self, logits: torch.Tensor) -> torch.Tensor:
         """Expected value Σ_j p_j z_j per critic: (C, B, K) -> (C, B)."""
         return (logits.softmax(-1) * self.support).sum(-1)
+
+    def defer_statistics_(self, defer: bool = True) -> None:
+        """Train-mode forwards keep their batch-renorm statistics pending until ``commit_statistics_()`` (the
+        update calls it after the critic's backward pass: required for correct compiled gradients)."""
+        for module in self.modules():
+            if isinstance(module, BatchRenorm):
+                module.defer_statistics = defer
+
+    def commit_statistics_(self) -> None:
+        """Apply the pending batch-renorm statistics of the last train-mode forward."""
+        for module in self.modules():
+            if isinstance(module, BatchRenorm):
+                module.commit_statistics_()
 
     @contextmanager
     def frozen(self) -> Iterator[DistributionalCritic]:

@@ -71,7 +71,7 @@ class ReplayDataModule(pl.LightningDataModule):
         utd: int = 2,
         frames_per_batch: int = 1,
         num_workers: int = 1,
-        storage: Literal["memory", "memmap"] = "memory",
+        storage: Literal["memory", "memmap", "device"] = "memory",
         scratch_dir: str | None = None,
         seed: int = 0,
     ) -> None:
@@ -90,8 +90,8 @@ class ReplayDataModule(pl.LightningDataModule):
         if frames_per_batch % num_workers:
             raise ValueError(f"data.frames_per_batch ({frames_per_batch}) must be a multiple of data.num_workers "
                              f"({num_workers}): each env worker collects frames_per_batch / num_workers per batch")
-        if storage not in ("memory", "memmap"):
-            raise ValueError(f"data.storage must be 'memory' or 'memmap', got {storage!r}")
+        if storage not in ("memory", "memmap", "device"):
+            raise ValueError(f"data.storage must be 'memory', 'memmap' or 'device', got {storage!r}")
         self.save_hyperparameters(logger=False)
         self.spec = env_spec(env_id)  # validates the id and reads the dimensions
         self.obs_dim, self.action_dim = self.spec.obs_dim, self.spec.action_dim
@@ -140,6 +140,8 @@ class ReplayDataModule(pl.LightningDataModule):
                 scratch = self._scratch / f"rank{self.rank}"
                 scratch.mkdir(parents=True, exist_ok=True)
             storage = LazyMemmapStorage(size, scratch_dir=scratch)
+        elif hp.storage == "device":  # on the training device (a GPU): minibatches are sampled there
+            storage = LazyTensorStorage(size, device=self.trainer.strategy.root_device if self.trainer else "cpu")
         else:
             storage = LazyTensorStorage(size)
         return TensorDictReplayBuffer(storage=storage, batch_size=hp.utd * hp.batch_size)

@@ -74,7 +74,8 @@ def average_running_statistics_(module: torch.nn.Module) -> None:
     """Average every normalisation layer's ``running_mean`` and ``running_var`` over ranks, in place."""
     if not is_distributed():
         return
-    buffers = [b for name, b in module.named_buffers() if name.endswith(("running_mean", "running_var"))]
+    buffers = [b for name, b in module.named_buffers()
+               if name.endswith(("running_mean", "running_var")) and "pending_" not in name]
     if not buffers:
         return
     flat = torch.cat([b.reshape(-1) for b in buffers])

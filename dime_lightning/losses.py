@@ -18,6 +18,11 @@ from dime_lightning.critic import DistributionalCritic, project_distribution
 from dime_lightning.temperature import Temperature
 
 
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if it is in a lower precision (bf16 autocast outputs); float32/float64 unchanged."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def soft_distributional_target(
     next_probs: torch.Tensor,
     reward: torch.Tensor,
@@ -46,11 +51,11 @@ def categorical_cross_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Σ_i [CE(target, p_i) − entropy_coef·H(p_i)], batch-averaged; logits (C, B, K), target (B, K).
 
-    Returns (loss, cross-entropy per critic (C,), entropy per critic (C,)). Computed in float32 from
+    Returns (loss, cross-entropy per critic (C,), entropy per critic (C,)). Computed in (at least) float32 from
     log-softmax (the exact log p, no 1e-15 floor needed).
     """
-    log_p = logits.float().log_softmax(-1)  # (C, B, K)
-    cross_entropy = -(target.float() * log_p).sum(-1).mean(-1)  # (C,)
+    log_p = full_precision(logits).log_softmax(-1)  # (C, B, K)
+    cross_entropy = -(full_precision(target) * log_p).sum(-1).mean(-1)  # (C,)
     entropy = -(log_p.exp() * log_p).sum(-1).mean(-1)  # (C,)
     return (cross_entropy - entropy_coef * entropy).sum(), cross_entropy, entropy
 
@@ -77,7 +82,7 @@ def critic_loss(
     logits, next_logits = critic.joint(obs, action, next_obs, nxt.action)  # 2 × (C, B, K)
     with torch.no_grad():
         target = soft_distributional_target(
-            next_logits.float().softmax(-1), reward, terminated, nxt.log_prob, alpha, gamma,
+            full_precision(next_logits).softmax(-1), reward, terminated, nxt.log_prob, alpha, gamma,
             critic.support, critic.v_min, critic.v_max,
         )
     loss, cross_entropy, entropy = categorical_cross_entropy(logits, target, entropy_coef)
@@ -85,7 +90,7 @@ def critic_loss(
         loss_critic=loss,
         critic_cross_entropy=cross_entropy.mean().detach(),
         critic_entropy=entropy.mean().detach(),
-        q_mean=critic.q_values(logits.detach().float()).mean(),
+        q_mean=critic.q_values(full_precision(logits.detach())).mean(),
         target_q_mean=(target * critic.support).sum(-1).mean(),
         next_log_prob_mean=nxt.log_prob.mean(),
         batch_size=[],
@@ -102,7 +107,7 @@ def actor_loss(
     """
     out = actor(obs)
     with critic.frozen():
-        q = critic.q_values(critic(obs, out.action).float()).mean(0)  # (C, B) -> (B,)
+        q = critic.q_values(full_precision(critic(obs, out.action))).mean(0)  # (C, B) -> (B,)
     loss = (-q + alpha * out.log_prob).mean()
     return TensorDict(
         loss_actor=loss,

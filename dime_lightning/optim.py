@@ -15,12 +15,14 @@ ACTOR_CRITIC_BETAS = (0.5, 0.999)
 
 def adam(
     params: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float] = ACTOR_CRITIC_BETAS,
-    fused: bool = False,
+    fused: bool = False, capturable: bool = False,
 ):
-    """Adam over the trainable ``params``; ``fused`` (CUDA) updates all of them in one kernel."""
+    """Adam over the trainable ``params``; ``fused`` updates all of them in one kernel; ``capturable`` (CUDA)
+    keeps the step counts on the device, so that a step can be captured in a CUDA graph."""
     if not lr > 0:
         raise ValueError(f"learning rate must be > 0, got {lr}")
-    return torch.optim.Adam([p for p in params if p.requires_grad], lr=lr, betas=betas, fused=fused or None)
+    return torch.optim.Adam([p for p in params if p.requires_grad], lr=lr, betas=betas, fused=fused or None,
+                            capturable=capturable)
 
 
 @torch.no_grad()

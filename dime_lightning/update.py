@@ -1,0 +1,329 @@
+"""The update of one env step, outside any framework (ALGORITHM.md §4): DIME's whole learning step in one object.
+
+    updater = DIMEUpdate(actor, critic, temperature)        # the paper's settings are the defaults
+    updater.build_optimizers(fused=device.type == "cuda")   # once the modules sit on their device
+    metrics = updater(sample)                               # sample: (utd, B) TensorDict of transitions
+
+One call runs an env step's worth of updates as the reference schedules them: ``utd`` critic updates and, after
+every ``policy_delay``-th critic update (counted globally), an actor update (NaN → 0 and element-wise clipping
+of its gradients), a temperature update and the target-actor refresh, each on the same minibatch. It returns
+detached diagnostics. No Lightning, no MLflow, no env: ``DIMEModule.training_step`` and ``benchmarks/`` call it.
+
+``compile`` selects how the step runs:
+
+- ``"none"``: eager PyTorch (the default).
+- ``"default"`` / ``"reduce-overhead"``: the two loss functions through ``torch.compile`` (with CUDA graphs for
+  ``reduce-overhead``); backward passes, clipping and optimizer steps run eagerly between them.
+- ``"whole"``: the *whole* env step — every forward, backward, clipping and optimizer step of critic, actor
+  and temperature — is one function compiled once per schedule phase (the actor-due pattern of the env step:
+  at utd 2 / delay 3 the phases repeat every 3 env steps, so 3 variants), and on CUDA each variant is replayed
+  as one CUDA graph (tensordict's ``CudaGraphModule``). Nothing in it reads a tensor back to the host: the
+  non-finite check is a device-side count that ``check_nonfinite()`` reads (one sync) at the caller's cadence.
+  With ``nonfinite="skip"`` a step whose loss is non-finite is undone in place (parameters and optimizer state
+  restored with ``torch.where``), so the schedule stays static; skipped steps still count as updates.
+
+Trainer hooks for the eager and compiled-loss modes (all optional; the defaults are plain PyTorch):
+``backward(loss)`` and ``optimizer_step(optimizer)`` (Lightning's ``manual_backward`` and its optimizer
+wrappers: DDP's gradient averaging, precision plugins, step counting), ``all_finite(flag)`` (one decision
+for all ranks) and ``after_critic_step()`` (averaging batch-renorm statistics over ranks). "whole" uses none
+of them: it runs in one process.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from tensordict import TensorDict
+from torch import nn
+
+from dime_lightning.errors import NonFiniteError
+from dime_lightning.losses import actor_loss, critic_loss, temperature_loss
+from dime_lightning.optim import ACTOR_CRITIC_BETAS, adam, gradient_norm, zero_nan_and_clip_gradients_
+from dime_lightning.schedule import UpdateSchedule
+from dime_lightning.temperature import Temperature
+
+CompileMode = Literal["none", "default", "reduce-overhead", "whole"]
+COMPILE_MODES = ("none", "default", "reduce-overhead", "whole")
+NONFINITE_SLOTS = ("loss_critic", "loss_actor", "loss_alpha")
+
+
+def maybe_compile(fn: Callable, mode: str) -> Callable:
+    """``fn`` itself for ``"none"``, else ``torch.compile(fn, mode=mode)`` (compiled lazily, on first call)."""
+    return fn if mode == "none" else torch.compile(fn, mode=mode)
+
+
+def mark_compiled_step() -> None:
+    """Tell CUDA-graph trees that a new update begins (outputs of earlier replays may be overwritten)."""
+    if torch.cuda.is_available():
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def _plain_step(optimizer: torch.optim.Optimizer) -> None:
+    optimizer.step()
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every tensor an optimizer step writes: the parameters and their state (moments, step counts)."""
+    tensors = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            tensors.append(p.data)
+            tensors += [v for v in optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+class DIMEUpdate:
+    """Actor, critic and temperature updates of one env step, with their optimizers and the schedule counters.
+
+    ``target_actor`` (``policy_tau < 1``) is a Polyak-averaged copy used for the critic target; with
+    ``policy_tau = 1`` (the reference) the target actor is the actor and none is kept.
+    """
+
+    def __init__(
+        self,
+        actor: nn.Module,
+        critic: nn.Module,
+        temperature: Temperature,
+        target_actor: nn.Module | None = None,
+        gamma: float = 0.99,
+        utd: int = 2,
+        policy_delay: int = 3,
+        policy_tau: float = 1.0,
+        actor_lr: float = 3e-4,
+        critic_lr: float = 3e-4,
+        betas: tuple[float, float] = ACTOR_CRITIC_BETAS,
+        actor_grad_clip: float = 1.0,
+        critic_entropy_coef: float = 0.005,
+        check_finite: bool = True,
+        nonfinite: Literal["stop", "skip"] = "stop",
+        compile: CompileMode = "none",
+        backward: Callable[[torch.Tensor], None] | None = None,
+        optimizer_step: Callable[[torch.optim.Optimizer], None] | None = None,
+        all_finite: Callable[[torch.Tensor], bool] | None = None,
+        after_critic_step: Callable[[], None] | None = None,
+    ) -> None:
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+        self.actor, self.critic, self.temperature, self.target_actor = actor, critic, temperature, target_actor
+        self.schedule = UpdateSchedule(utd, policy_delay)
+        self.gamma, self.policy_tau, self.actor_grad_clip = gamma, policy_tau, actor_grad_clip
+        self.actor_lr, self.critic_lr, self.betas = actor_lr, critic_lr, tuple(betas)
+        self.critic_entropy_coef = critic_entropy_coef
+        self.check_finite, self.nonfinite, self.mode = check_finite, nonfinite, compile
+        if compile == "whole":  # plain PyTorch inside the compiled graph (one process: no DDP hooks)
+            backward = optimizer_step = after_critic_step = None
+        self.backward = backward or torch.Tensor.backward
+        self.optimizer_step = optimizer_step or _plain_step
+        self.all_finite = all_finite or bool
+        self.after_critic_step = after_critic_step or (lambda: None)
+        whole = compile == "whole"
+        self.critic_loss = critic_loss if whole else maybe_compile(critic_loss, compile)
+        self.actor_loss = actor_loss if whole else maybe_compile(actor_loss, compile)
+        # compiled: batch-renorm statistics are applied after the critic's backward (critic.BatchRenorm explains)
+        self.commit_statistics = getattr(critic, "commit_statistics_", None) if compile != "none" else None
+        if self.commit_statistics is not None:
+            critic.defer_statistics_(True)
+        self.critic_updates = self.actor_updates = self.skipped_updates = 0
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self._nonfinite: torch.Tensor | None = None  # "whole": non-finite losses per slot since the last check
+        self._skipped: torch.Tensor | None = None  # "whole" + "skip": steps undone since the last check
+        self._variants: dict[tuple[bool, ...], Callable[[TensorDict], TensorDict]] = {}
+
+    # ---- optimizers ---------------------------------------------------------------------------------------
+    def build_optimizers(self, fused: bool = False) -> list[torch.optim.Optimizer]:
+        """Critic and actor Adam (paper lr and betas), and Adam on log α unless α is fixed; in that order.
+
+        ``fused`` (CUDA) updates each part in one kernel. In "whole" mode the step counts live on the device
+        (fused on the CPU, capturable on CUDA) so that no optimizer step reads a number back to the host.
+        """
+        device = self.temperature.log_alpha.device
+        whole = self.mode == "whole"
+        options = {"capturable": True} if whole and device.type == "cuda" else {}
+        fused = fused or (whole and device.type == "cpu")
+        self.critic_opt = adam(self.critic.parameters(), self.critic_lr, self.betas, fused, **options)
+        self.actor_opt = adam(self.actor.parameters(), self.actor_lr, self.betas, fused, **options)
+        self.alpha_opt = None
+        if self.temperature.log_alpha.requires_grad:  # fixed α has nothing to optimise
+            self.alpha_opt = torch.optim.Adam([self.temperature.log_alpha], lr=self.temperature.lr,
+                                              fused=fused or None, **options)
+        self.optimizers = [self.critic_opt, self.actor_opt] + ([self.alpha_opt] if self.alpha_opt else [])
+        self._nonfinite = torch.zeros(len(NONFINITE_SLOTS), device=device)
+        self._skipped = torch.zeros((), device=device)
+        self._variants.clear()
+        return self.optimizers
+
+    # ---- one env step -------------------------------------------------------------------------------------
+    def __call__(self, sample: TensorDict, diagnostics: bool = False) -> TensorDict:
+        """Run one env step's updates on ``sample`` (utd, B); returns detached diagnostics of the last critic
+        and (if one ran) the last actor update. Without ``diagnostics``, eager modes skip the gradient norms."""
+        if not self.optimizers:
+            raise RuntimeError("DIMEUpdate.build_optimizers() must be called before the first update")
+        if sample.batch_size[0] != self.schedule.utd:
+            raise ValueError(f"the sample must hold utd = {self.schedule.utd} minibatches, got {sample.batch_size}")
+        if self.mode == "whole":
+            return self._whole_step(sample)
+        metrics = TensorDict()
+        for minibatch in sample.unbind(0):  # (utd, B) -> utd × (B,)
+            critic_metrics = self.critic_update(minibatch, diagnostics)
+            if critic_metrics is None:
+                continue
+            metrics.update(critic_metrics)
+            self.critic_updates += 1
+            if self.schedule.actor_due(self.critic_updates):
+                actor_metrics = self.actor_update(minibatch, diagnostics)
+                if actor_metrics is not None:
+                    metrics.update(actor_metrics)
+                    self.actor_updates += 1
+        return metrics
+
+    def critic_update(self, minibatch: TensorDict, diagnostics: bool = True) -> TensorDict | None:
+        """One critic update (ALGORITHM.md §2.2); None if skipped for a non-finite loss (eager check)."""
+        mark_compiled_step()
+        metrics = self.critic_loss(self.critic, self.target_actor or self.actor, minibatch, self.temperature.alpha(),
+                                   self.gamma, self.critic_entropy_coef)
+        loss = metrics.pop("loss_critic")
+        if self._skip_now("loss_critic", loss):
+            return None
+        self.critic_opt.zero_grad()
+        self.backward(loss)
+        if self.commit_statistics is not None:
+            self.commit_statistics()
+        if self.mode == "reduce-overhead":
+            metrics = metrics.clone()  # a replayed CUDA graph reuses its output memory
+        metrics["loss_critic"] = loss.detach()
+        if diagnostics:
+            metrics["grad_norm_critic"] = gradient_norm(self.critic.parameters())
+        self._optimizer_step(self.critic_opt, loss, 0)
+        self.after_critic_step()
+        return metrics
+
+    def actor_update(self, minibatch: TensorDict, diagnostics: bool = True) -> TensorDict | None:
+        """Actor (ALGORITHM.md §1.7), temperature (§3) and target refresh; None if skipped (eager check)."""
+        mark_compiled_step()
+        metrics = self.actor_loss(self.actor, self.critic, minibatch["observation"], self.temperature.alpha())
+        loss = metrics.pop("loss_actor")
+        if self._skip_now("loss_actor", loss):
+            return None
+        self.actor_opt.zero_grad()
+        self.backward(loss)
+        zero_nan_and_clip_gradients_(self.actor.parameters(), self.actor_grad_clip)
+        if self.mode == "reduce-overhead":
+            metrics = metrics.clone()
+        metrics["loss_actor"] = loss.detach()
+        metrics["policy_q_mean"] = metrics.pop("q_mean")  # Q of fresh actions; "q_mean" is the critic's
+        if diagnostics:
+            metrics["grad_norm_actor"] = gradient_norm(self.actor.parameters())
+        self._optimizer_step(self.actor_opt, loss, 1)
+        alpha_metrics = temperature_loss(self.temperature, metrics["running_cost"])
+        if self.alpha_opt is not None:
+            self.alpha_opt.zero_grad()
+            self.backward(alpha_metrics["loss_alpha"])
+            self._optimizer_step(self.alpha_opt, alpha_metrics["loss_alpha"], 2)
+        metrics.update(alpha_metrics.detach())
+        self.refresh_target_actor()
+        return metrics
+
+    @torch.no_grad()
+    def refresh_target_actor(self) -> None:
+        """θ' ← τ θ + (1 − τ) θ' (nothing is kept at τ = 1: the target actor is the actor)."""
+        if self.target_actor is None:
+            return
+        for target, online in zip(self.target_actor.parameters(), self.actor.parameters(), strict=True):
+            target.lerp_(online, self.policy_tau)
+
+    # ---- "whole": the env step as one compiled (and on CUDA, graph-replayed) function ----------------------
+    def phase(self) -> tuple[bool, ...]:
+        """Which of this env step's ``utd`` critic updates are followed by an actor update."""
+        return tuple(self.schedule.actor_due(self.critic_updates + i + 1) for i in range(self.schedule.utd))
+
+    def env_step_body(self, sample: TensorDict, pattern: tuple[bool, ...]) -> TensorDict:
+        """The whole env step with a static schedule ``pattern``: what "whole" compiles and captures."""
+        out = TensorDict()
+        for minibatch, actor_due in zip(sample.unbind(0), pattern, strict=True):  # (utd, B) -> utd × (B,)
+            out.update(self.critic_update(minibatch))
+            if actor_due:
+                out.update(self.actor_update(minibatch))
+        return out
+
+    def _whole_step(self, sample: TensorDict) -> TensorDict:
+        pattern = self.phase()
+        variant = self._variants.get(pattern)
+        if variant is None:
+            variant = torch.compile(functools.partial(self.env_step_body, pattern=pattern))
+            if sample.device is not None and sample.device.type == "cuda":
+                from tensordict.nn import CudaGraphModule  # CUDA only; it changes how TensorDicts are flattened
+
+                variant = CudaGraphModule(variant, warmup=2, in_keys=[], out_keys=[])
+            self._variants[pattern] = variant
+        out = variant(sample)
+        self.critic_updates += len(pattern)
+        self.actor_updates += sum(pattern)
+        return out
+
+    def _skip_now(self, name: str, loss: torch.Tensor) -> bool:
+        """Eager check (one host sync): stop with a message, or skip this optimizer step and count it."""
+        if not self.check_finite or self.mode == "whole":
+            return False
+        if self.all_finite(torch.isfinite(loss)):
+            return False
+        if self.nonfinite == "stop":
+            value = f"= {loss.item()}" if not bool(torch.isfinite(loss)) else "on another rank"
+            raise NonFiniteError(f"non-finite {name} {value}")
+        self.skipped_updates += 1
+        return True
+
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, slot: int) -> None:
+        if self.mode != "whole":
+            self.optimizer_step(optimizer)
+            return
+        if not self.check_finite:
+            optimizer.step()
+            return
+        finite = torch.isfinite(loss.detach())
+        self._nonfinite[slot] += (~finite).float()
+        if self.nonfinite == "stop":
+            optimizer.step()  # a non-finite step is stopped on at the next check, before any checkpoint
+            return
+        written = _optimizer_tensors(optimizer)
+        saved = [t.clone() for t in written]
+        optimizer.step()
+        for tensor, old in zip(written, saved, strict=True):
+            tensor.copy_(torch.where(finite, tensor, old))  # undo the step in place: no host sync
+        self._skipped += (~finite).float()
+
+    def check_nonfinite(self, where: str) -> None:
+        """"whole" mode: read the device-side counts (one host sync). Non-finite losses since the last check
+        raise ``NonFiniteError`` naming the losses and ``where`` (``nonfinite="stop"``), or add to
+        ``skipped_updates`` (``"skip"``). A no-op in the other modes, whose checks run at every update."""
+        if self.mode != "whole" or not self.check_finite or self._nonfinite is None:
+            return
+        counts = self._nonfinite.tolist()
+        if self.nonfinite == "skip":
+            self.skipped_updates += int(self._skipped.item())
+            self._skipped.zero_()
+            self._nonfinite.zero_()
+            return
+        if any(counts):
+            names = ", ".join(f"{name} ({int(n)}×)" for name, n in zip(NONFINITE_SLOTS, counts, strict=True) if n)
+            raise NonFiniteError(f"non-finite {names} {where}")
+
+    # ---- state --------------------------------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        return {"critic_updates": self.critic_updates, "actor_updates": self.actor_updates,
+                "skipped_updates": self.skipped_updates}
+
+    def load_counters(self, counters: dict[str, int]) -> None:
+        self.critic_updates = int(counters["critic_updates"])
+        self.actor_updates = int(counters["actor_updates"])
+        self.skipped_updates = int(counters.get("skipped_updates", 0))
+
+
+def make_target_actor(actor: nn.Module, policy_tau: float) -> nn.Module | None:
+    """A frozen copy of ``actor`` for ``policy_tau < 1``; None at τ = 1 (the reference keeps no copy)."""
+    return copy.deepcopy(actor).requires_grad_(False) if policy_tau < 1.0 else None
