@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import os
 import sys
@@ -42,21 +43,25 @@ def _rejected(err: Exception) -> bool:
     return getattr(err, "error_code", None) in REJECTED
 
 
-def deliver(client: Any, record: dict[str, Any], deduplicate: bool = False) -> None:
-    """Send one record with a plain ``MlflowClient``. ``deduplicate``: first drop metric values at steps the
-    run already has for that key (after an attempt whose outcome is unknown, and on replay)."""
+def deliver(client: Any, record: dict[str, Any], seen: dict[tuple[str, str], int] | None = None) -> None:
+    """Send one record with a plain ``MlflowClient``. ``seen`` (run id, key) → last step: when given, metric
+    values at steps the run already has are dropped first (after an attempt whose outcome is unknown, and on
+    replay); missing keys are looked up in the store, and ``seen`` is updated with what was sent."""
     from mlflow.entities import Metric, Param, RunTag
 
     op, run_id = record["op"], record["run_id"]
     if op == "log_batch":
         metrics = record.get("metrics", [])
-        if deduplicate and metrics:
-            last = {key: max((m.step for m in client.get_metric_history(run_id, key)), default=-1)
-                    for key in {m[0] for m in metrics}}
-            metrics = [m for m in metrics if m[3] > last[m[0]]]
+        if seen is not None and metrics:
+            for key in {m[0] for m in metrics} - {k for r, k in seen if r == run_id}:
+                seen[run_id, key] = max((m.step for m in client.get_metric_history(run_id, key)), default=-1)
+            metrics = [m for m in metrics if m[3] > seen[run_id, m[0]]]
         client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in metrics],
                          params=[Param(k, v) for k, v in record.get("params", [])],
                          tags=[RunTag(k, v) for k, v in record.get("tags", [])], synchronous=True)
+        if seen is not None:
+            for key, _, _, step in metrics:
+                seen[run_id, key] = max(seen[run_id, key], step)
     elif op == "set_tag":
         client.set_tag(run_id, record["key"], record["value"], synchronous=True)
     elif op == "log_text":
@@ -69,6 +74,29 @@ def deliver(client: Any, record: dict[str, Any], deduplicate: bool = False) -> N
         client.set_terminated(run_id, status=record.get("status"), end_time=record.get("end_time"))
     else:
         raise ValueError(f"unknown tracking record {op!r}")
+
+
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
+
+
+def _metrics_only(record: dict[str, Any]) -> bool:
+    return record["op"] == "log_batch" and not record.get("params") and not record.get("tags")
+
+
+def coalesce(records: list[dict[str, Any]], start: int = 0) -> tuple[dict[str, Any], int]:
+    """The record at ``start`` merged with the metric-only ``log_batch`` records of the same run that follow it
+    (up to MLflow's batch limit): one request instead of many after an outage. Returns (record, how many)."""
+    first = records[start]
+    if not _metrics_only(first):
+        return first, 1
+    metrics, count = list(first["metrics"]), 1
+    for record in itertools.islice(records, start + 1, None):
+        if (not _metrics_only(record) or record["run_id"] != first["run_id"]
+                or len(metrics) + len(record["metrics"]) > MAX_METRICS_PER_BATCH):
+            break
+        metrics += record["metrics"]
+        count += 1
+    return {**first, "metrics": metrics}, count
 
 
 class QueuedClient:
@@ -178,7 +206,7 @@ class QueuedClient:
             return len(self._memory) + self._spilled
 
     def _run(self) -> None:
-        failures, last_warning, dedup = 0, -float("inf"), False
+        failures, last_warning, seen, single = 0, -float("inf"), None, False
         while True:
             with self._cond:
                 while not self._memory and not self._spilled and not self._closing:
@@ -187,16 +215,20 @@ class QueuedClient:
                     return
                 if not self._memory:
                     self._read_back()
-                record = self._memory[0]
+                first = self._memory[0]
+                record, count = (first, 1) if single else coalesce(self._memory)
             try:
-                deliver(self._client, record, deduplicate=dedup)
+                deliver(self._client, record, seen)
             except Exception as err:  # unreachable, timed out, locked, or refused: training never sees it
+                if _rejected(err) and count > 1:
+                    single = True  # find the refused one among the merged records
+                    continue
                 if _rejected(err):
                     _say(f"warning: the tracking store refused a {record['op']} record, dropped: "
                          f"{type(err).__name__}: {str(err)[:300]}")
-                    self._pop(record)
+                    self._pop(first, count)
                     continue
-                failures, dedup = failures + 1, True
+                failures, seen = failures + 1, {}
                 now = time.monotonic()
                 if now - last_warning >= self._warn_every:
                     last_warning = now
@@ -210,14 +242,15 @@ class QueuedClient:
                 continue
             if failures:
                 _say(f"MLflow tracking store {self._uri} is reachable again; delivering "
-                     f"{self.pending() - 1} pending records")
-            failures, dedup = 0, False
-            self._pop(record)
+                     f"{self.pending() - count} pending records")
+            failures, seen, single = 0, None, False
+            self._pop(first, count)
 
-    def _pop(self, record: dict[str, Any]) -> None:
+    def _pop(self, first: dict[str, Any], count: int) -> None:
         with self._cond:
-            if self._memory and self._memory[0] is record:
-                self._memory.popleft()
+            if self._memory and self._memory[0] is first:
+                for _ in range(count):
+                    self._memory.popleft()
             self._cond.notify_all()
 
     def close(self) -> Path | None:
@@ -268,16 +301,26 @@ def replay(target: Path, tracking_uri: str | None = None) -> int:
         records = [line for line in lines if "header" not in line]
         uri = tracking_uri or header.get("tracking_uri")
         client = mlflow.MlflowClient(tracking_uri=uri)
-        done = 0
+        done, seen = 0, {}
         try:
-            for record in records:
+            while done < len(records):
+                record, count = coalesce(records, done)
                 try:
-                    deliver(client, record, deduplicate=True)
+                    deliver(client, record, seen)
                 except Exception as err:
                     if not _rejected(err):
                         raise
-                    _say(f"warning: {path}: the store refused a {record['op']} record, dropped: {err}")
-                done += 1
+                    if count > 1:  # deliver the merged ones one by one to find the refused one
+                        count = 1
+                        try:
+                            deliver(client, records[done], seen)
+                        except Exception as single_err:
+                            if not _rejected(single_err):
+                                raise
+                            _say(f"warning: {path}: the store refused a record, dropped: {single_err}")
+                    else:
+                        _say(f"warning: {path}: the store refused a {record['op']} record, dropped: {err}")
+                done += count
         except Exception as err:
             rest = records[done:]
             tmp = path.with_name(f".{path.name}.tmp")
