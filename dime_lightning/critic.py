@@ -204,7 +204,9 @@ def project_distribution(
         probs, shifted_support = probs.float(), shifted_support.float()
     delta = (v_max - v_min) / (num_atoms - 1)
     b = ((shifted_support.clamp(v_min, v_max) - v_min) / delta).expand_as(probs)  # (..., K) in [0, K − 1]
-    lower = b.floor().clamp_(max=num_atoms - 1)
+    # a NaN position keeps a valid index (0) and a NaN weight: the NaN reaches the loss, where the non-finite
+    # check sees it, instead of an out-of-range index (a device-side assert on CUDA)
+    lower = b.floor().nan_to_num_(nan=0.0).clamp_(max=num_atoms - 1)
     upper_weight = b - lower  # frac(b)
     lower_index = lower.long()
     upper_index = (lower_index + 1).clamp_(max=num_atoms - 1)  # frac = 0 whenever this clamp is active

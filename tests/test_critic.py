@@ -475,3 +475,12 @@ def test_critic_forward_outside_frozen_gives_parameter_grads() -> None:
     assert all(g is not None for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
     assert math.isfinite(float(action.grad.abs().sum()))
+
+
+def test_projection_of_a_nan_target_is_nan_not_an_index_error() -> None:
+    probs = torch.full((3, 11), 1.0 / 11)
+    shifted = torch.linspace(-10.0, 10.0, 11).expand(3, 11).clone()
+    shifted[1, 4] = float("nan")
+    out = project_distribution(probs, shifted, -10.0, 10.0, 11)
+    assert torch.isnan(out[1]).any()  # the NaN row stays NaN (a later non-finite check sees it)
+    torch.testing.assert_close(out[[0, 2]].sum(-1), torch.ones(2))  # the other rows are untouched

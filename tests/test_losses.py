@@ -366,7 +366,10 @@ def test_categorical_cross_entropy_matches_manual() -> None:
     torch.testing.assert_close(cross_entropy.double(), manual_ce, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(entropy.double(), manual_h, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss.double(), (manual_ce - 0.005 * manual_h).sum(), rtol=1e-5, atol=1e-6)
-    assert loss.dtype == torch.float32  # computed in float32 by design
+    assert loss.dtype == torch.float64  # at least float32: float64 input stays float64 ...
+    low, _, _ = categorical_cross_entropy(logits.bfloat16(), target.bfloat16(), 0.005)
+    assert low.dtype == torch.float32  # ... and bf16 (autocast) input is computed in float32
+    torch.testing.assert_close(low.double(), loss, rtol=3e-2, atol=0.0)
 
 
 def test_categorical_cross_entropy_gradient() -> None:
