@@ -66,10 +66,21 @@ def _dmc_domain_task(env_id: str) -> tuple[str, str]:
             f"env id {env_id!r} needs dm_control, which is not installed: "
             "pip install 'dime-lightning[dmc]' (or pip install dm_control)"
         ) from err
+    _check_mujoco_below_4(env_id)
     if (domain, task) not in set(suite.ALL_TASKS):
         known = ", ".join(f"{d}-{t}" for d, t in suite.ALL_TASKS[:12])
         raise EnvIdError(f"env id {env_id!r}: unknown DMC task {domain}-{task}; known tasks include {known}, …")
     return domain, task
+
+
+def _check_mujoco_below_4(env_id: str) -> None:
+    import mujoco
+
+    if int(str(mujoco.__version__).split(".")[0]) >= 4:
+        raise EnvIdError(
+            f"env id {env_id!r}: dm_control does not work with MuJoCo {mujoco.__version__} (it needs MuJoCo 3.x); "
+            "pip uninstall -y mujoco mujoco-core mujoco-studio && pip install -e '.[dev,dmc]'"
+        )
 
 
 def check_env_id(env_id: str) -> None:
