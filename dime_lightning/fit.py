@@ -59,7 +59,7 @@ SUPPORTED_PRECISION = ("32", "32-true", "bf16-mixed")
 class MLflowSettings:
     """MLflow tracking. ``tracking_uri``: None → $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working
     directory (embedded, no server). ``experiment_name``: None → the env id. Writes are queued (training never
-    waits for the store): ``max_pending`` records wait in memory, more go to ``mlflow-pending.jsonl`` beside the
+    waits for the store): ``max_pending`` records wait in memory, more go to ``mlflow-pending-*.jsonl`` beside the
     checkpoints, as does whatever is undelivered ``flush_timeout`` seconds after training ends."""
 
     enabled: bool = True

@@ -88,7 +88,7 @@ class DIMEMLFlowLogger(MLFlowLogger):
 
     Every write goes through a ``QueuedClient`` (``tracking_queue``): training never waits for the store nor
     fails with it. ``spill_dir``: where records beyond ``max_pending`` and those still undelivered
-    ``flush_timeout`` seconds after the end are kept (``mlflow-pending.jsonl``, beside the checkpoints)."""
+    ``flush_timeout`` seconds after the end are kept (``mlflow-pending-*.jsonl``, beside the checkpoints)."""
 
     def __init__(self, *args: Any, spill_dir: Callable[[], Path | None] | None = None, max_pending: int = 10_000,
                  flush_timeout: float = 60.0, **kwargs: Any) -> None:

@@ -5,11 +5,11 @@
 ``create_run``, …) go straight to the client. One thread delivers the records in order. While the store is
 unreachable the head record is retried (backoff up to ``retry_max_wait`` seconds), a warning on stderr says how
 many records are pending, and training goes on. Up to ``max_pending`` records wait in memory; beyond that they
-are appended to the spill file ``mlflow-pending.jsonl`` in ``spill_dir()`` (beside the checkpoints), read
-back in order once memory has drained. ``close`` waits up to ``flush_timeout`` seconds for delivery, then
-writes whatever is left to that file; ``python -m dime_lightning.tracking_queue replay <dir or file>`` later
-delivers it into the run (metric values at steps the store already has are dropped, so a replay after a
-partial delivery logs nothing twice).
+are appended to the spill file ``mlflow-pending-<start time>-<pid>.jsonl`` in ``spill_dir()`` (beside the
+checkpoints), read back in order once memory has drained. ``close`` waits up to ``flush_timeout`` seconds for
+delivery, then writes whatever is left to that file; ``python -m dime_lightning.tracking_queue replay <dir or
+file>`` later delivers it into the run (metric values at steps the store already has are dropped, so a replay
+after a partial delivery logs nothing twice).
 
 A record the store rejects (an invalid value, a deleted run) is dropped with a warning rather than retried.
 """
@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-PENDING_FILE = "mlflow-pending.jsonl"
+PENDING_GLOB = "mlflow-pending-*.jsonl"  # one file per fit process: mlflow-pending-<start time>-<pid>.jsonl
 REJECTED = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST",
             "RESOURCE_ALREADY_EXISTS", "PERMISSION_DENIED"}
 
@@ -119,6 +119,7 @@ class QueuedClient:
         self._cond = threading.Condition()
         self._closing = self._stopped = False
         self._thread: threading.Thread | None = None
+        self._file_name = PENDING_GLOB.replace("*", f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
 
     def __getattr__(self, name: str) -> Any:  # reads and anything else: the wrapped client, synchronously
         return getattr(self._client, name)
@@ -164,11 +165,12 @@ class QueuedClient:
 
     # ---- the spill file --------------------------------------------------------------------------------
     def pending_path(self) -> Path:
-        """``mlflow-pending.jsonl`` in the spill folder (the checkpoint folder of the run)."""
+        """This process's ``mlflow-pending-<start time>-<pid>.jsonl`` in the spill folder (the checkpoint folder
+        of the run): a resumed run never mixes its records with those an earlier process left."""
         if self._spill_path is None:
             folder = Path(self._spill_dir() or ".")
             folder.mkdir(parents=True, exist_ok=True)
-            self._spill_path = folder / PENDING_FILE
+            self._spill_path = folder / self._file_name
         return self._spill_path
 
     def _append_to_file(self, records: list[dict[str, Any]], path: Path | None = None) -> None:
@@ -290,9 +292,9 @@ def replay(target: Path, tracking_uri: str | None = None) -> int:
     import mlflow
 
     target = Path(target)
-    files = [target] if target.is_file() else sorted(target.rglob(PENDING_FILE))
+    files = [target] if target.is_file() else sorted(target.rglob(PENDING_GLOB))  # by name: oldest first
     if not files:
-        _say(f"no {PENDING_FILE} under {target}: nothing to replay")
+        _say(f"no {PENDING_GLOB} under {target}: nothing to replay")
         return 0
     left_files = 0
     for path in files:
@@ -339,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dime_lightning.tracking_queue",
                                      description="Deliver tracking records kept while the MLflow store was down.")
     sub = parser.add_subparsers(dest="command", required=True)
-    replay_parser = sub.add_parser("replay", help="deliver the mlflow-pending.jsonl files under a folder")
+    replay_parser = sub.add_parser("replay", help="deliver the mlflow-pending-*.jsonl files under a folder")
     replay_parser.add_argument("target", type=Path, help="a checkpoint folder (searched) or a pending file")
     replay_parser.add_argument("--tracking_uri", default=None, help="store to deliver to (default: the recorded one)")
     args = parser.parse_args(argv)

@@ -19,7 +19,7 @@ import pytest
 
 from dime_lightning import tracking_queue
 from dime_lightning.checkpointing import read_checkpoint
-from dime_lightning.tracking_queue import PENDING_FILE
+from dime_lightning.tracking_queue import PENDING_GLOB
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["--config", str(ROOT / "conf" / "pendulum.yaml"), "--config", str(ROOT / "conf" / "smoke.yaml")]
@@ -127,15 +127,15 @@ def test_fit_trains_through_an_outage_and_delivers_everything_when_the_server_re
     server.start()
     assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
     assert "reachable again" in log.read_text()
-    assert not (tmp_path / "ckpt" / PENDING_FILE).exists()
+    assert not list((tmp_path / "ckpt").glob(PENDING_GLOB))
     check_run_complete(server.uri, tmp_path / "ckpt")
 
 
 def test_with_a_server_that_never_returns_the_records_stay_on_disk_and_replay_later(tmp_path, server):
     process, log = outage(tmp_path, server, flush_timeout="2")
     assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
-    pending = tmp_path / "ckpt" / PENDING_FILE
-    assert pending.is_file() and "tracking_queue replay" in log.read_text()
+    [pending] = (tmp_path / "ckpt").glob(PENDING_GLOB)
+    assert "tracking_queue replay" in log.read_text()
     server.start()
     with pytest.raises(SystemExit) as replayed:  # python -m dime_lightning.tracking_queue replay <folder>
         tracking_queue.main(["replay", str(tmp_path / "ckpt")])

@@ -14,7 +14,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from dime_lightning import tracking_queue
-from dime_lightning.tracking_queue import PENDING_FILE, QueuedClient
+from dime_lightning.tracking_queue import PENDING_GLOB, QueuedClient
 
 
 class FakeStore:
@@ -77,7 +77,7 @@ def test_records_arrive_in_order_and_reads_pass_through(tmp_path):
     assert client.close() is None
     assert [s for _, _, s in store.metrics] == list(range(50))
     assert store.status == "FINISHED"
-    assert not (tmp_path / PENDING_FILE).exists()
+    assert not list(tmp_path.glob(PENDING_GLOB))
 
 
 def test_an_outage_is_outlived_with_a_spill_file_beyond_the_memory_bound(tmp_path, capsys):
@@ -87,13 +87,14 @@ def test_an_outage_is_outlived_with_a_spill_file_beyond_the_memory_bound(tmp_pat
     for step in range(20):  # never blocks although the store is down
         log(client, step)
     assert client.pending() == 20
-    spilled = [json.loads(line) for line in (tmp_path / PENDING_FILE).read_text().splitlines()]
+    [spill] = tmp_path.glob(PENDING_GLOB)
+    spilled = [json.loads(line) for line in spill.read_text().splitlines()]
     assert [r["metrics"][0][3] for r in spilled[1:]] == list(range(5, 20))  # 5 in memory, the rest on disk
     wait_until(lambda: "unreachable" in capsys.readouterr().err)
     store.down.clear()
     wait_until(lambda: client.pending() == 0)
     assert [s for _, _, s in store.metrics] == list(range(20))  # each once, in order
-    assert not (tmp_path / PENDING_FILE).exists()
+    assert not list(tmp_path.glob(PENDING_GLOB))
     assert client.close() is None
 
 
@@ -115,7 +116,7 @@ def test_undelivered_records_stay_on_disk_and_replay_delivers_them_once(tmp_path
         log(client, step)
     client.set_terminated("r", "FINISHED")
     path = client.close()
-    assert path == tmp_path / PENDING_FILE
+    assert path is not None and path.parent == tmp_path and path.match(PENDING_GLOB)
     assert "dime_lightning.tracking_queue replay" in capsys.readouterr().err
     log(client, 10)  # a write after close goes to the file too
     records = [json.loads(line) for line in path.read_text().splitlines()]
