@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -41,6 +42,7 @@ from dime_lightning.tracking import (
     check_tracking_uri,
     validate_tracking_uri,
 )
+from dime_lightning.tracking_queue import PENDING_GLOB, replay
 
 TRAINER_DEFAULTS = {
     "max_epochs": 1,  # one pass over the env-step iterable = data.total_env_steps
@@ -168,6 +170,8 @@ class DIMECLI(LightningCLI):
         if settings.enabled:  # last: opening the store (also by constructing the logger) creates an sqlite file
             if rank_zero_only.rank == 0:  # the processes of other ranks (DDP, torchrun) do not touch the store
                 check_tracking_uri(uri)
+                if run_id and checkpointer.dirpath is not None and any(Path(checkpointer.dirpath).glob(PENDING_GLOB)):
+                    replay(Path(checkpointer.dirpath))  # what an earlier process could not deliver goes first
             trainer.logger = DIMEMLFlowLogger(
                 experiment_name=settings.experiment_name or data.hparams.env_id,
                 run_name=settings.run_name,

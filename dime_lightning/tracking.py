@@ -96,6 +96,7 @@ class DIMEMLFlowLogger(MLFlowLogger):
         self.final_status: str | None = None
         self.pending_file: Path | None = None
         self._finalized = False
+        self._flush_timeout = flush_timeout
         self._logged_until: dict[str, int] | None = None if kwargs.get("run_id") is None else {}
         # MLFlowLogger keeps its client in the private attribute `_mlflow_client` and writes through it
         # (log_batch for metrics and params): wrapping it there queues Lightning's writes as well as ours.
@@ -132,7 +133,9 @@ class DIMEMLFlowLogger(MLFlowLogger):
         status = self.final_status or {"success": "FINISHED", "failed": "FAILED", "finished": "FINISHED"}.get(
             status, status)
         self._mlflow_client.set_terminated(self.run_id, status)
-        self.pending_file = self._mlflow_client.close()
+        # a stopped run (SIGTERM: a scheduler's grace period) waits at most 10 s before keeping records on disk
+        timeout = min(self._flush_timeout, 10.0) if status == "KILLED" else self._flush_timeout
+        self.pending_file = self._mlflow_client.close(timeout)
 
 
 class MLflowRunInfo(Callback):

@@ -255,10 +255,10 @@ class QueuedClient:
                     self._memory.popleft()
             self._cond.notify_all()
 
-    def close(self) -> Path | None:
-        """Deliver what is pending (up to ``flush_timeout`` seconds); anything left goes to the pending file,
-        whose path is returned (None when everything was delivered)."""
-        deadline = time.monotonic() + self._flush_timeout
+    def close(self, timeout: float | None = None) -> Path | None:
+        """Deliver what is pending (up to ``timeout`` seconds, default ``flush_timeout``); anything left goes to
+        the pending file, whose path is returned (None when everything was delivered)."""
+        deadline = time.monotonic() + (self._flush_timeout if timeout is None else timeout)
         with self._cond:
             self._closing = True
             self._cond.notify_all()

@@ -8,12 +8,15 @@ import threading
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
+import torch
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from dime_lightning import tracking_queue
+from dime_lightning.fit import build_cli
 from dime_lightning.tracking_queue import PENDING_GLOB, QueuedClient
 
 
@@ -148,3 +151,22 @@ def test_replay_command_on_a_missing_folder_is_an_error(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         tracking_queue.main(["replay", str(tmp_path / "nope")])
     assert exit_info.value.code == 2
+
+
+def test_resuming_delivers_what_an_earlier_process_left_first(tmp_path, monkeypatch):
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = mlflow.MlflowClient(uri)
+    run_id = store.create_run(store.create_experiment("Pendulum-v1")).info.run_id
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    torch.save({"state_dict": {}, "dime_counters": {}, "hyper_parameters": {"obs_dim": 3, "action_dim": 1},
+                "mlflow": {"run_id": run_id}}, folder / "last.ckpt")
+    record = {"op": "log_batch", "run_id": run_id, "metrics": [["eval/return_mean", -5.0, 0, 150]]}
+    (folder / "mlflow-pending-20260101T000000-1.jsonl").write_text(
+        json.dumps({"header": {"tracking_uri": uri}}) + "\n" + json.dumps(record) + "\n")
+    build_cli(["--config", str(root / "conf" / "pendulum.yaml"), "--config", str(root / "conf" / "smoke.yaml"),
+               "--mlflow.tracking_uri", uri, "--checkpoint.dirpath", str(folder), "--ckpt_path", "last"])
+    assert [(m.step, m.value) for m in store.get_metric_history(run_id, "eval/return_mean")] == [(150, -5.0)]
+    assert not list(folder.glob(PENDING_GLOB))
