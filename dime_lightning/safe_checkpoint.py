@@ -109,6 +109,11 @@ def check_buffer_dump(directory: Path) -> None:
     for path in sorted(directory.rglob("*")):
         if path.suffix == ".pkl":
             check_plain_pickle(path)
-        elif path.suffix in (".pt", ".t") and (extra := unsafe_globals(path)):
-            raise UnsafeCheckpointError(
-                f"replay-buffer file {path} is refused: loading it would need the type(s) {', '.join(extra)}")
+        elif path.suffix in (".pt", ".t"):
+            try:
+                extra = unsafe_globals(path)
+            except Exception as err:
+                raise ValueError(f"replay-buffer file {path} cannot be read: {type(err).__name__}: {err}") from err
+            if extra:
+                raise UnsafeCheckpointError(
+                    f"replay-buffer file {path} is refused: loading it would need the type(s) {', '.join(extra)}")
