@@ -122,6 +122,8 @@ class QueuedClient:
         self._file_name = PENDING_GLOB.replace("*", f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
 
     def __getattr__(self, name: str) -> Any:  # reads and anything else: the wrapped client, synchronously
+        if name.startswith("_"):  # never forward private names (and no recursion before __init__ has run)
+            raise AttributeError(name)
         return getattr(self._client, name)
 
     # ---- writes: enqueue -------------------------------------------------------------------------------
