@@ -14,6 +14,9 @@
 - ``act``: ms per action at batch 1 and actions/s at batch 256, diffusion (16 steps) and Gaussian.
 - ``memory``: peak RSS of a process holding a full 1M-transition buffer at Ant-v5 and Humanoid-v5 shapes,
   ``LazyTensorStorage`` (RAM) vs ``LazyMemmapStorage`` (files; its size on disk reported too).
+- ``dispatch``: the launch-bound regime, on a CPU: the real fit loop at tiny sizes (1 diffusion step, width 8,
+  batch 8), where a learning step costs almost only per-op dispatch; env steps/s in the random warm-up and in
+  the learning phase, per compile mode (``--compile none whole``).
 - ``speed`` (``--device cuda`` for the GPU numbers; runs on CPU too): per config (Ant-v5 shapes, CPU size and
   paper size) and per compile mode (``--compile none default reduce-overhead whole``): ms of updates per env
   step (2 critic updates, 2/3 of an actor + temperature update), per critic update and per actor +
@@ -76,35 +79,68 @@ def update_ms(actor, critic, obs_dim: int, action_dim: int, steps: int, batch: i
     return (time.perf_counter() - start) / steps * 1e3
 
 
-class LearningTimer(Callback):
-    """Wall time of the fit loop over its learning steps (after the random warm-up)."""
+class PhaseTimer(Callback):
+    """Env steps/s of the fit loop in the random warm-up and in the learning phase; the first ``skip`` learning
+    steps (compilation, CUDA-graph capture) are left out."""
 
-    def __init__(self, learning_starts: int) -> None:
-        self.learning_starts, self.start, self.end, self.steps = learning_starts, None, None, 0
+    def __init__(self, learning_starts: int, skip: int = 1) -> None:
+        self.learning_starts, self.skip, self.marks = learning_starts, skip, {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if pl_module.env_steps == self.learning_starts + 1:
-            self.start = time.perf_counter()  # from the end of the first learning step …
-        elif pl_module.env_steps > self.learning_starts + 1:
-            self.end, self.steps = time.perf_counter(), self.steps + 1  # … to the end of the last
+        steps, now = pl_module.env_steps, time.perf_counter()
+        for name, at in [("warmup_start", 1), ("warmup_end", self.learning_starts),
+                         ("learning_start", self.learning_starts + self.skip)]:
+            if steps == at:
+                self.marks[name] = (steps, now)
+        self.marks["learning_end"] = (steps, now)
+
+    def rate(self, phase: str) -> float:
+        (s0, t0), (s1, t1) = self.marks[f"{phase}_start"], self.marks[f"{phase}_end"]
+        return (s1 - s0) / (t1 - t0)
 
 
-def fit_loop_steps_per_second(steps: int, workdir: Path, tiny: bool) -> float:
+TINY_NETWORKS = ["--model.actor.init_args.num_steps", "1", "--model.actor.init_args.hidden_dim", "8",
+                 "--model.actor.init_args.time_features", "8", "--model.actor.init_args.time_hidden_dim", "8",
+                 "--model.critic.init_args.hidden_dims", "[8, 8]", "--data.batch_size", "8"]
+
+
+def fit_loop(steps: int, workdir: Path, tiny: bool, extra: list[str] = (), skip: int = 1,
+             learning_starts: int = 300) -> tuple[PhaseTimer, object]:
+    """The real fit loop on Pendulum (evaluation, checkpoints and artifacts off) with a ``PhaseTimer``."""
     from dime_lightning.fit import build_cli
 
-    learning_starts = 300
     configs = ["--config", str(ROOT / "conf" / "pendulum.yaml")] + (
         ["--config", str(ROOT / "conf" / "smoke.yaml")] if tiny else [])
+    total = learning_starts + skip + steps
     cli = build_cli([*configs, "--data.learning_starts", str(learning_starts),
-                     "--data.total_env_steps", str(learning_starts + steps + 1), "--eval.every_env_steps", "10000000",
+                     "--data.total_env_steps", str(total), "--eval.every_env_steps", "10000000",
                      "--checkpoint.every_env_steps", "10000000", "--checkpoint.save_buffer", "false",
                      "--checkpoint.log_artifacts", "false", "--checkpoint.dirpath", str(workdir / "ckpt"),
                      "--mlflow.tracking_uri", f"sqlite:///{workdir / 'mlflow.db'}",
-                     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
-    timer = LearningTimer(learning_starts)
+                     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *extra])
+    timer = PhaseTimer(learning_starts, skip)
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return timer.steps / (timer.end - timer.start), cli
+    return timer, cli
+
+
+def fit_loop_steps_per_second(steps: int, workdir: Path, tiny: bool) -> tuple[float, object]:
+    timer, cli = fit_loop(steps, workdir, tiny)
+    return timer.rate("learning"), cli
+
+
+def dispatch(modes: list[str], steps: int, workdir: Path) -> dict[str, dict[str, float]]:
+    """The launch-bound regime on a CPU: the fit loop at tiny sizes (1 diffusion step, width 8, batch 8), where
+    almost all of a learning step's cost is per-op dispatch; warm-up vs learning env steps/s per compile mode."""
+    results = {}
+    for mode in modes:
+        (workdir / mode).mkdir(parents=True, exist_ok=True)
+        timer, _ = fit_loop(steps, workdir / mode, False, [*TINY_NETWORKS, "--model.compile_update", mode], skip=4)
+        warmup, learning = timer.rate("warmup"), timer.rate("learning")
+        results[mode] = {"warmup_env_steps_per_s": warmup, "learning_env_steps_per_s": learning,
+                         "update_ms_per_env_step": 1e3 / learning - 1e3 / warmup}
+        print("dispatch", mode, json.dumps(results[mode]), flush=True)
+    return results
 
 
 def bare_loop_steps_per_second(cli, steps: int) -> float:
@@ -224,11 +260,14 @@ def memory(size: int) -> dict[str, dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=["overhead", "update", "act", "memory", "speed"],
-                        default=["overhead", "update", "act", "memory", "speed"])
+    parser.add_argument("--only", nargs="+", choices=["overhead", "update", "act", "memory", "speed", "dispatch"],
+                        default=["overhead", "update", "act", "memory", "speed", "dispatch"])
+    parser.add_argument("--sizes", nargs="+", choices=["cpu", "paper"], default=["cpu", "paper"],
+                        help="configs of the speed section: CPU size (critic 256) and paper size (critic 2048)")
     parser.add_argument("--device", default="cpu", help="device of the speed section (cpu, cuda)")
     parser.add_argument("--compile", nargs="+", default=None, choices=["none", "default", "reduce-overhead", "whole"],
-                        help="compile modes of the speed section (default: none on CPU; all four on CUDA)")
+                        help="compile modes of the speed and dispatch sections (default: none on CPU for speed, "
+                             "none and whole for dispatch; all four on CUDA)")
     parser.add_argument("--steps", type=int, default=300, help="learning steps timed in each overhead loop")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes and counts: checks the script only")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
@@ -268,14 +307,19 @@ def main(argv: list[str] | None = None) -> int:
     if "speed" in args.only:
         device = torch.device(args.device)
         modes = args.compile or (["none", "default", "reduce-overhead", "whole"] if device.type == "cuda" else ["none"])
-        configs = {"cpu_size_critic256": (32, 16), "paper_size_critic2048": (64, 16)} if args.tiny else {
-            "cpu_size_critic256": (256, 256), "paper_size_critic2048": (2048, 256)}
+        configs = {"cpu": ("cpu_size_critic256", 32 if args.tiny else 256),
+                   "paper": ("paper_size_critic2048", 64 if args.tiny else 2048)}
+        hidden = 16 if args.tiny else 256
         results["speed"] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-        for name, (width, hidden) in configs.items():
+        for name, width in (configs[size] for size in args.sizes):
             for mode in modes:
                 repeats = 2 if args.tiny else (30 if device.type == "cuda" else 5)
                 results["speed"][f"{name}/{mode}"] = speed(device, mode, width, hidden, repeats)
                 print("speed", name, mode, json.dumps(results["speed"][f"{name}/{mode}"]), flush=True)
+    if "dispatch" in args.only:
+        with tempfile.TemporaryDirectory() as workdir:
+            modes = args.compile or (["none"] if args.tiny else ["none", "whole"])  # --tiny: the script only
+            results["dispatch"] = dispatch(modes, 5 if args.tiny else 300, Path(workdir))
     results["peak_rss_mb_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))

@@ -29,6 +29,9 @@ def test_throughput_benchmark_tiny(tmp_path):
     for config in ("cpu_size_critic256/none", "paper_size_critic2048/none"):
         timings = results["speed"][config]
         assert timings["learning_step_ms"] > 0 and timings["act_batch256_ms"] > 0
+        assert timings["updates_per_env_step_ms"] > 0 and timings["critic_update_ms"] > 0
+    dispatch = results["dispatch"]["none"]
+    assert dispatch["warmup_env_steps_per_s"] > 0 and dispatch["learning_env_steps_per_s"] > 0
 
 
 def test_learning_benchmark_tiny(tmp_path):
@@ -57,3 +60,22 @@ def test_scaling_benchmark_tiny(tmp_path):
     assert load("scaling").main(["--tiny", "--setups", "1 process, 1 thread", "--out", str(out)]) == 0
     setup = json.loads(out.read_text())["setups"]["1 process, 1 thread"]
     assert setup["env_steps_per_s"] > 0 and setup["updates_per_s"] == 2 * setup["env_steps_per_s"]
+
+
+def test_gpu_check_cpu_dry_run(tmp_path):
+    """benchmarks/gpu_check.sh's path (speed table, JAX anchor if installed, real fit, summary) on this CPU."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu-dry-run"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    speed = json.loads((tmp_path / "speed_none.json").read_text())["speed"]
+    assert speed["paper_size_critic2048/none"]["updates_per_env_step_ms"] > 0
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    assert fit["learning_env_steps"] > 0 and fit["warmup_env_steps"] == 99 and fit["compile_update"] == "none"
+    summary = (tmp_path / "summary.md").read_text()
+    assert "paper_size_critic2048/none" in summary and "Real fit loop (none, cpu)" in summary
+    assert (tmp_path / "jax.json").exists() or (tmp_path / "jax_skipped.txt").exists()
