@@ -170,3 +170,14 @@ def test_resuming_delivers_what_an_earlier_process_left_first(tmp_path, monkeypa
                "--mlflow.tracking_uri", uri, "--checkpoint.dirpath", str(folder), "--ckpt_path", "last"])
     assert [(m.step, m.value) for m in store.get_metric_history(run_id, "eval/return_mean")] == [(150, -5.0)]
     assert not list(folder.glob(PENDING_GLOB))
+
+
+def test_a_bad_queue_setting_is_bad_input(tmp_path, monkeypatch, capsys):
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["--config", str(root / "conf" / "pendulum.yaml"), "--config", str(root / "conf" / "smoke.yaml"),
+                   "--mlflow.max_pending", "0"])
+    assert exit_info.value.code == 2
+    assert "mlflow.max_pending" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()
