@@ -32,7 +32,12 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from dime_lightning.safe_checkpoint import UnsafeCheckpointError, check_buffer_dump, safe_load
+from dime_lightning.safe_checkpoint import (
+    UnreadableCheckpointError,
+    UnsafeCheckpointError,
+    check_buffer_dump,
+    safe_load,
+)
 from dime_lightning.tracking import store_creation_lock
 
 STEP_PATTERN = re.compile(r"step-(\d+)\.ckpt")
@@ -213,11 +218,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     for corrupt, foreign or unsafe files."""
     try:
         checkpoint = safe_load(path)
-    except UnsafeCheckpointError as err:
+    except (UnsafeCheckpointError, UnreadableCheckpointError) as err:
         raise CheckpointError(str(err)) from err
     except Exception as err:
-        if isinstance(err, ValueError) and str(err).startswith(f"checkpoint {path} "):
-            raise CheckpointError(str(err)) from err
         raise CheckpointError(f"checkpoint {path} cannot be read (corrupt or truncated?): "
                               f"{type(err).__name__}: {err}") from err
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in REQUIRED_KEYS):

@@ -27,6 +27,10 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint or buffer dump whose loading would need types outside the allowlist (could run code)."""
 
 
+class UnreadableCheckpointError(ValueError):
+    """A file that is not a readable ``torch.save`` archive (corrupt, truncated, another format)."""
+
+
 def _allowed_globals() -> list[Any]:
     """numpy's ndarray rebuild (the global RNG state), under the names numpy 1 and numpy 2 write."""
     reconstruct = np._core.multiarray._reconstruct  # numpy >= 2 (the module numpy 2 pickles name)
@@ -72,8 +76,8 @@ def safe_load(path: Path) -> Any:
     try:
         extra = unsafe_globals(path)
     except Exception as err:  # not a zip checkpoint, truncated, unreadable
-        raise ValueError(f"checkpoint {path} cannot be read (corrupt or truncated?): "
-                         f"{type(err).__name__}: {err}") from err
+        raise UnreadableCheckpointError(f"checkpoint {path} cannot be read (corrupt or truncated?): "
+                                        f"{type(err).__name__}: {err}") from err
     if extra:
         raise UnsafeCheckpointError(
             f"checkpoint {path} is refused: loading it would need the type(s) {', '.join(extra)}, which a "
