@@ -57,6 +57,7 @@ class GroupCurve:
     iqm_high: np.ndarray | None = None  # (T,)
     note: str = ""
     reference_task: str = ""  # the published task, for reference curves
+    source: str = ""  # the reference source, for reference curves
 
 
 def short_label(value: str) -> str:
@@ -140,7 +141,8 @@ def _curve(label: str, task: str, steps: np.ndarray, values: np.ndarray, reps: i
            match: reference.ReferenceTask | None = None) -> GroupCurve:
     iqm, iqm_low, iqm_high = aggregates.iqm_curve(values, reps=reps)
     return GroupCurve(label, steps, values.mean(1), values.min(1), values.max(1), values.shape[1], task, values,
-                      iqm, iqm_low, iqm_high, match.note if match else "", match.task if match else "")
+                      iqm, iqm_low, iqm_high, match.note if match else "", match.task if match else "",
+                      match.source if match else "")
 
 
 def group_curves(runs: pd.DataFrame, histories: dict[str, pd.Series],
@@ -183,7 +185,8 @@ def _row(curve: GroupCurve, index: int, wall: float, reps: int) -> dict:
     finals = curve.values[index]
     interval = aggregates.iqm_ci(finals, reps=reps)
     return {"task": curve.task, "group": curve.label, "runs": curve.runs, "env steps": int(curve.steps[index]),
-            "final": float(np.mean(finals)), "std": float(np.std(finals)), "IQM": interval.point,
+            "final": float(np.mean(finals)), "std": float(np.std(finals, ddof=1 if len(finals) > 1 else 0)),
+            "IQM": interval.point,
             "IQM 95% CI low": interval.low, "IQM 95% CI high": interval.high, "wall minutes (mean)": wall,
             "note": curve.note}
 
@@ -211,7 +214,7 @@ def summary_table(runs: pd.DataFrame, histories: dict[str, pd.Series], metric: s
         last = max(c.steps[-1] for c in curves if c.task == ref.task)
         nearest = int(np.argmin(np.abs(ref.steps - last)))
         rows.append(_row(ref, nearest, np.nan, reps))
-        finals.setdefault(ref.label, {})[ref.task] = ref.values[nearest]
+        finals.setdefault(reference.SOURCE_LABELS[ref.source], {})[ref.task] = ref.values[nearest]
         steps, values = reference.reference_seeds(ref.reference_task)
         if int(ref.steps[nearest]) != int(steps[-1]):  # also the published run's own last point
             rows.append(_row(replace(ref, steps=steps, values=values), -1, np.nan, reps))
@@ -221,8 +224,9 @@ def summary_table(runs: pd.DataFrame, histories: dict[str, pd.Series], metric: s
             scores = {t: aggregates.normalise_dmc(v) for t, v in per_task.items() if t in dmc_tasks}
             if len(scores) == len(dmc_tasks):
                 interval = aggregates.aggregate_over_tasks(scores, reps=reps)
+                note = "" if label in {c.label for c in curves} else "published points nearest to the runs' last"
                 rows.append({"task": AGGREGATE, "group": label, "runs": interval.n, "IQM": interval.point,
-                             "IQM 95% CI low": interval.low, "IQM 95% CI high": interval.high, "note": ""})
+                             "IQM 95% CI low": interval.low, "IQM 95% CI high": interval.high, "note": note})
     table = pd.DataFrame(rows).rename(columns={"final": f"final {metric}"})
     if table.task.nunique() == 1:
         return table.drop(columns="task").set_index("group")
@@ -255,22 +259,47 @@ def plot_curves(curves: list[GroupCurve], metric: str, title: str, ax=None, iqm:
     return ax
 
 
-def plot_comparison(curves: list[GroupCurve], references: list[GroupCurve], metric: str, experiment: str):
-    """One row per task: mean and min–max band (left), IQM and 95 % CI (right), references beside the runs.
+def plot_aggregate(table: pd.DataFrame, ax) -> None:
+    """The cross-task IQM of normalised scores with its 95 % CI, one bar per group (and reference).
+
+    table: a summary table with ``AGGREGATE`` rows.
+    ax: matplotlib axes."""
+    rows = table.loc[AGGREGATE]
+    positions = np.arange(len(rows))
+    errors = np.vstack([rows.IQM - rows["IQM 95% CI low"], rows["IQM 95% CI high"] - rows.IQM])
+    ax.errorbar(rows.IQM, positions, xerr=errors, fmt="o", capsize=4)
+    ax.set_yticks(positions, [f"{label} (n={int(n)})" for label, n in zip(rows.index, rows.runs, strict=True)],
+                  fontsize=7)
+    ax.set_xlabel("IQM of final score (return / 1000), stratified-bootstrap 95% CI")
+    ax.set_ylim(-0.5 if len(rows) > 1 else -1.0, len(rows) - 0.5 if len(rows) > 1 else 1.0)
+    ax.set_title(AGGREGATE, fontsize=9)
+    ax.grid(alpha=0.3)
+
+
+def plot_comparison(curves: list[GroupCurve], references: list[GroupCurve], metric: str, experiment: str,
+                    table: pd.DataFrame | None = None):
+    """One row per task: mean and min–max band (left), IQM and 95 % CI (right), references beside the runs;
+    a last row with the cross-task aggregate when ``table`` has one.
 
     curves: the runs' curves.
     references: published curves (may be empty).
     metric: y-axis label.
-    experiment: the experiment name, for the titles."""
+    experiment: the experiment name, for the titles.
+    table: the summary table, or None."""
     import matplotlib.pyplot as plt
 
     tasks = sorted({c.task for c in curves})
-    fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 4 * len(tasks)), squeeze=False)
+    has_aggregate = table is not None and AGGREGATE in table.index.get_level_values(0)
+    rows = len(tasks) + int(has_aggregate)
+    fig, axes = plt.subplots(rows, 2, figsize=(12, 4 * rows), squeeze=False)
     for row, task in enumerate(tasks):
         shown = [c for c in curves if c.task == task] + [r for r in references if r.task == task]
         name = task if task == experiment else f"{experiment}: {task}"
         plot_curves(shown, metric, f"{name}: mean and min–max over runs", axes[row, 0])
         plot_curves(shown, metric, f"{name}: IQM over runs, stratified-bootstrap 95% CI", axes[row, 1], iqm=True)
+    if has_aggregate:
+        plot_aggregate(table, axes[-1, 0])
+        axes[-1, 1].axis("off")
     fig.tight_layout()
     return fig
 
@@ -292,11 +321,12 @@ def compare(experiment: str, metric: str = "eval/return_mean", group_by: str = D
     histories = metric_histories(runs, metric, tracking_uri)
     curves = group_curves(runs, histories, reps)
     references = reference_curves(curves, matches, reps)
-    fig = plot_comparison(curves, references, metric, experiment)
+    table = summary_table(runs, histories, metric, curves, references, reps)
+    fig = plot_comparison(curves, references, metric, experiment, table)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=120)
-    return curves, summary_table(runs, histories, metric, curves, references, reps), fig
+    return curves, table, fig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,11 +101,13 @@ def test_several_dmc_tasks_end_with_the_cross_task_aggregate(tmp_path):
                              "dm_control/cheetah-run": [50.0, 150.0, 250.0]}, seeds=2)
     curves, table, fig = compare.compare("suite", tracking_uri=uri, reference_source="paper", reps=200)
     assert {c.task for c in curves} == {"dm_control/pendulum-swingup", "dm_control/cheetah-run"}
-    assert len(fig.axes) == 4
+    assert len(fig.axes) == 6  # two tasks x (mean, IQM), then the cross-task aggregate
     aggregate = table.loc[compare.AGGREGATE]
     assert aggregate.loc["DIME", "runs"] == 4
     # final scores (return / 1000) 0.25, 0.26 (cheetah) and 0.70, 0.71 (pendulum): the IQM of 4 keeps the middle 2
     assert aggregate.loc["DIME", "IQM"] == pytest.approx(np.mean([0.26, 0.70]))
+    paper = aggregate.loc[compare.reference.SOURCE_LABELS["paper"]]
+    assert paper.runs == 20 and paper["IQM 95% CI low"] <= paper.IQM <= paper["IQM 95% CI high"]
 
 
 def test_gym_v5_against_the_papers_v3_is_labelled(tmp_path):
