@@ -30,7 +30,7 @@ def tracking_uri(tmp_path):
 
 def test_one_curve_per_group_with_mean_and_spread(tracking_uri, tmp_path):
     out = tmp_path / "curves.png"
-    curves, table, _ = compare.compare("Pendulum-v1", tracking_uri=tracking_uri, out=out)
+    curves, table, _ = compare.compare("Pendulum-v1", tracking_uri=tracking_uri, out=out, reps=200)
     assert out.stat().st_size > 0
     by_label = {c.label: c for c in curves}
     assert set(by_label) == {"DIME", "Gaussian"}
@@ -43,7 +43,7 @@ def test_one_curve_per_group_with_mean_and_spread(tracking_uri, tmp_path):
 def test_command_writes_the_png(tracking_uri, tmp_path, capsys):
     out = tmp_path / "cli.png"
     assert compare.main(["--experiment", "Pendulum-v1", "--tracking-uri", tracking_uri, "--out", str(out),
-                         "--group-by", "params.seed_everything"]) == 0
+                         "--group-by", "params.seed_everything", "--reps", "200"]) == 0
     assert out.stat().st_size > 0 and "wrote" in capsys.readouterr().out
 
 
