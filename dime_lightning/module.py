@@ -1,9 +1,11 @@
-"""``DIMEModule``: DIME's update schedule as a Lightning module with manual optimization (ALGORITHM.md §4).
+"""``DIMEModule``: DIME as a Lightning module with manual optimization (ALGORITHM.md §4).
 
-One ``training_step`` = one env step: ``utd`` critic updates, and after every ``policy_delay``-th critic update
-(counted globally) an actor update, a temperature update and the target-actor refresh. The networks are
-built from factories (``actor(obs_dim, action_dim)``, ``critic(obs_dim, action_dim)``) whose remaining
-arguments come from the config; the dimensions come from the env through the data module.
+One ``training_step`` = one env step: the framework-free ``update.DIMEUpdate`` runs ``utd`` critic updates
+and, after every ``policy_delay``-th critic update (counted globally), an actor update, a temperature update and
+the target-actor refresh. The module builds the networks from factories (``actor(obs_dim, action_dim)``,
+``critic(obs_dim, action_dim)``) whose remaining arguments come from the config (the dimensions come from the
+env through the data module), hands the updater Lightning's ``manual_backward`` and optimizer wrappers (DDP,
+precision plugins), logs its diagnostics against env steps and checkpoints its counters.
 """
 
 from __future__ import annotations
@@ -115,11 +117,10 @@ class DIMEModule(pl.LightningModule):
         logging = self._logging_step()
         try:
             metrics = self.updater(batch.sample, diagnostics=logging)
-            if logging:  # "whole": the deferred non-finite check, one host sync per logging step
-                self.check_nonfinite()
-        except NonFiniteError as error:
+        except NonFiniteError as error:  # the per-update check of the eager and compiled-loss modes
             raise NonFiniteError(f"{error} at env step {self.env_steps}") from None
         if logging:
+            self.check_nonfinite()  # "whole": the deferred check, one host sync per logging step
             self._log_update(metrics)
 
     def check_nonfinite(self) -> None:

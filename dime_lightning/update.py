@@ -259,7 +259,9 @@ class DIMEUpdate:
             if sample.device is not None and sample.device.type == "cuda":
                 from tensordict.nn import CudaGraphModule  # CUDA only; it changes how TensorDicts are flattened
 
-                variant = CudaGraphModule(variant, warmup=2, in_keys=[], out_keys=[])
+                # 3 warm-up calls: the first creates the optimizers' state, the second recompiles for it, so
+                # that nothing recompiles while the graph is captured
+                variant = CudaGraphModule(variant, warmup=3, in_keys=[], out_keys=[])
             self._variants[pattern] = variant
         out = variant(sample)
         self.critic_updates += len(pattern)
