@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", nargs="+", default=None, choices=["none", "default", "reduce-overhead", "whole"],
                         help="compile modes of the speed and dispatch sections (default: none on CPU for speed, "
                              "none and whole for dispatch; all four on CUDA)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls per figure of the speed section (default: 30 on CUDA, 5 on CPU)")
     parser.add_argument("--steps", type=int, default=300, help="learning steps timed in each overhead loop")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes and counts: checks the script only")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
@@ -313,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         results["speed"] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
         for name, width in (configs[size] for size in args.sizes):
             for mode in modes:
-                repeats = 2 if args.tiny else (30 if device.type == "cuda" else 5)
+                repeats = 2 if args.tiny else args.repeats or (30 if device.type == "cuda" else 5)
                 results["speed"][f"{name}/{mode}"] = speed(device, mode, width, hidden, repeats)
                 print("speed", name, mode, json.dumps(results["speed"][f"{name}/{mode}"]), flush=True)
     if "dispatch" in args.only:
