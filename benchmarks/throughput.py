@@ -33,6 +33,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -176,16 +177,24 @@ def acting(actor, obs_dim: int, repeats: int) -> dict[str, float]:
 
 
 def _timed_ms(fn, repeats: int, device: torch.device) -> float:
+    """ms per call of ``fn``: on CUDA the mean over ``repeats`` back-to-back calls (one synchronisation at the
+    end, so launches overlap as in training); on a CPU the median of ``repeats`` calls timed one by one, which
+    a burst of load on a shared machine does not move."""
     for _ in range(3):  # compile, CUDA-graph recording and warm-up
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device.type == "cuda":
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats * 1e3
+        return (time.perf_counter() - start) / repeats * 1e3
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def speed(device: torch.device, mode: str, width: int, hidden: int, repeats: int, batch: int = 256) -> dict:

@@ -141,15 +141,17 @@ ALLOWED_BREAKS = {
 }
 
 
-def test_whole_step_graph_breaks_are_the_named_ones() -> None:
+@pytest.mark.parametrize("pattern", [(False, False), (True, False), (False, True)])
+def test_whole_step_graph_breaks_are_the_named_ones(pattern) -> None:
+    """Each of the 3 variants "whole" compiles at utd 2 / delay 3 (Dynamo's explain: tracing only)."""
     updater = DIMEUpdate(*tiny_modules(), compile="whole")
     updater.build_optimizers()
-    explained = torch._dynamo.explain(functools.partial(updater.env_step_body, pattern=(False, True)))(samples(1)[0])
+    explained = torch._dynamo.explain(functools.partial(updater.env_step_body, pattern=pattern))(samples(1)[0])
     reasons = [reason.reason for reason in explained.break_reasons]
     assert reasons, "no graph break at all: update ALLOWED_BREAKS"
     unexpected = [r for r in reasons if not any(marker in r for marker in ALLOWED_BREAKS)]
     assert not unexpected, unexpected
-    assert explained.graph_count <= 24  # two critic updates and one actor + temperature update
+    assert explained.graph_count <= 12 * (1 + sum(pattern))  # bounded: per critic / actor update, not per op
 
 
 def test_deferred_nonfinite_check_stops_naming_the_losses_and_range(no_compile) -> None:
