@@ -33,6 +33,8 @@ setup(
         "mlflow>=3.0,<4",
         "matplotlib>=3.8",
         "numpy>=1.26",
+        # the lock under which the first of several fits started together creates the sqlite MLflow store
+        "filelock>=3.12",
         # IQM and stratified-bootstrap confidence intervals (compare --reference). rliable 1.2 needs arch<8, and
         # arch 7.x fails to import with pandas 3 (TypeError in deprecate_kwarg), hence pandas<3.
         "rliable>=1.2,<2",
