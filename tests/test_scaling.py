@@ -174,8 +174,15 @@ def one_update(critic_fn, actor_fn, actor, critic, batch, alpha):
     return torch.stack(losses), grads
 
 
-def test_compiled_update_matches_eager(monkeypatch):
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # the eager RNG stream inside graphs
+@pytest.fixture
+def eager_random_in_graphs():
+    """Compiled graphs draw from the eager RNG stream (inductor's fallback_random), set through the config's own
+    patch(): pytest's monkeypatch cannot restore torch's config modules (the option vanishes after undo)."""
+    with torch._inductor.config.patch(fallback_random=True):
+        yield
+
+
+def test_compiled_update_matches_eager(eager_random_in_graphs):
     torch._dynamo.reset()
     torch.manual_seed(0)
     actor, critic, batch, alpha = make_actor(), make_critic(), make_batch(), torch.tensor(0.1)

@@ -81,9 +81,16 @@ def test_schedule_phases_and_counters() -> None:
     assert updater.counters() == {"critic_updates": 12, "actor_updates": 4, "skipped_updates": 0}
 
 
-def test_whole_step_matches_eager_over_a_schedule_cycle(monkeypatch) -> None:
+@pytest.fixture
+def eager_random_in_graphs():
+    """Compiled graphs draw from the eager RNG stream (inductor's fallback_random), set through the config's own
+    patch(): pytest's monkeypatch cannot restore torch's config modules (the option vanishes after undo)."""
+    with torch._inductor.config.patch(fallback_random=True):
+        yield
+
+
+def test_whole_step_matches_eager_over_a_schedule_cycle(eager_random_in_graphs) -> None:
     """6 env steps (two schedule cycles, 4 actor updates, past the batch-renorm warm-up), same seed and noise."""
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # compiled randn = eager randn
     data = samples(6)
     eager_modules, whole_modules = tiny_modules(), tiny_modules()
     eager, eager_out = run("none", eager_modules, data)
