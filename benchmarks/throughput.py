@@ -327,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                 repeats = 2 if args.tiny else args.repeats or (30 if device.type == "cuda" else 5)
                 results["speed"][f"{name}/{mode}"] = speed(device, mode, width, hidden, repeats)
                 print("speed", name, mode, json.dumps(results["speed"][f"{name}/{mode}"]), flush=True)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(results, indent=1))  # what is done survives a time limit
     if "dispatch" in args.only:
         with tempfile.TemporaryDirectory() as workdir:
             modes = args.compile or (["none"] if args.tiny else ["none", "whole"])  # --tiny: the script only

@@ -125,6 +125,9 @@ class EnvStepCheckpoint(Callback):
                            "(the last periodic one is kept; SIGTERM stops all ranks together and writes one)")
 
     def save(self, trainer, pl_module) -> Path:
+        check = getattr(pl_module, "check_nonfinite", None)
+        if check is not None:  # "whole" mode's deferred check, before anything of this checkpoint is written
+            check()
         stem = f"step-{pl_module.env_steps:010d}"
         data = trainer.datamodule
         data.buffer_dump = None

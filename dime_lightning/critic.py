@@ -83,12 +83,13 @@ class BatchRenorm(BatchRenorm1d):
                 getattr(self, f"pending_{name}").copy_(getattr(self, name))
 
     @torch.no_grad()
-    def commit_statistics_(self) -> None:
+    def commit_statistics_(self, where: torch.Tensor | None = None) -> None:
         """Apply the statistics of the last train-mode forward (a no-op for a forward already applied); call it
-        only after a train-mode forward."""
-        self.running_mean.copy_(self.pending_running_mean)
-        self.running_var.copy_(self.pending_running_var)
-        self.num_batches_tracked.copy_(self.pending_num_batches_tracked)
+        only after a train-mode forward. ``where`` (a 0-d bool tensor) applies them only where it is true,
+        without a host sync (a skipped non-finite update keeps the old statistics)."""
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            current, pending = getattr(self, name), getattr(self, f"pending_{name}")
+            current.copy_(pending if where is None else torch.where(where, pending, current))
 
 
 def _critic_mlp(
@@ -167,11 +168,11 @@ class DistributionalCritic(nn.Module):
             if isinstance(module, BatchRenorm):
                 module.defer_statistics = defer
 
-    def commit_statistics_(self) -> None:
-        """Apply the pending batch-renorm statistics of the last train-mode forward."""
+    def commit_statistics_(self, where: torch.Tensor | None = None) -> None:
+        """Apply the pending batch-renorm statistics of the last train-mode forward (only where ``where``)."""
         for module in self.modules():
             if isinstance(module, BatchRenorm):
-                module.commit_statistics_()
+                module.commit_statistics_(where)
 
     @contextmanager
     def frozen(self) -> Iterator[DistributionalCritic]:

@@ -102,6 +102,9 @@ class DIMEModule(pl.LightningModule):
         # fused on CUDA: one kernel per optimizer step (the update is launch-bound on a GPU)
         return self.updater.build_optimizers(fused=self.device.type == "cuda")
 
+    def on_train_start(self) -> None:
+        self.updater.align_loaded_optimizers()  # a resumed checkpoint's optimizer flags are this mode's again
+
     def setup(self, stage: str) -> None:
         if self.hparams.compile_update == "whole" and self.trainer is not None and self.trainer.world_size > 1:
             raise ValueError("model.compile_update 'whole' runs in one process (its backward passes bypass DDP's "

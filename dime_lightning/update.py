@@ -129,6 +129,7 @@ class DIMEUpdate:
         self.commit_statistics = getattr(critic, "commit_statistics_", None) if compile != "none" else None
         if self.commit_statistics is not None:
             critic.defer_statistics_(True)
+        self._undo_nonfinite = compile == "whole" and check_finite and nonfinite == "skip"
         self.critic_updates = self.actor_updates = self.skipped_updates = 0
         self.optimizers: list[torch.optim.Optimizer] = []
         self._nonfinite: torch.Tensor | None = None  # "whole": non-finite losses per slot since the last check
@@ -158,6 +159,25 @@ class DIMEUpdate:
         self._variants.clear()
         return self.optimizers
 
+    def align_loaded_optimizers(self) -> None:
+        """After optimizer states were loaded from a checkpoint (whose param-group flags win over the ones the
+        optimizers were built with): restore this mode's ``fused`` / ``capturable`` flags and keep the step
+        counts on the parameters' device where they require it, so that a checkpoint of any mode resumes in any
+        other. Call it once the states are restored (the module does, at train start)."""
+        if self.mode != "whole" or not self.optimizers:
+            return
+        device = self.temperature.log_alpha.device
+        capturable, fused = device.type == "cuda", device.type == "cpu"
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["capturable"] = capturable or group.get("capturable", False)
+                group["fused"] = fused or group.get("fused") or None
+                for p in group["params"]:
+                    state = optimizer.state.get(p, {})
+                    if isinstance(state.get("step"), torch.Tensor):
+                        state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+        self._variants.clear()
+
     # ---- one env step -------------------------------------------------------------------------------------
     def __call__(self, sample: TensorDict, diagnostics: bool = False) -> TensorDict:
         """Run one env step's updates on ``sample`` (utd, B); returns detached diagnostics of the last critic
@@ -184,7 +204,8 @@ class DIMEUpdate:
 
     def critic_update(self, minibatch: TensorDict, diagnostics: bool = True) -> TensorDict | None:
         """One critic update (ALGORITHM.md §2.2); None if skipped for a non-finite loss (eager check)."""
-        mark_compiled_step()
+        if self.mode != "whole":  # "whole" marks the step once, outside its captured graph
+            mark_compiled_step()
         metrics = self.critic_loss(self.critic, self.target_actor or self.actor, minibatch, self.temperature.alpha(),
                                    self.gamma, self.critic_entropy_coef)
         loss = metrics.pop("loss_critic")
@@ -192,11 +213,11 @@ class DIMEUpdate:
             return None
         self.critic_opt.zero_grad()
         self.backward(loss)
-        if self.commit_statistics is not None:
-            self.commit_statistics()
+        if self.commit_statistics is not None:  # "whole" + "skip": a non-finite step keeps the old statistics
+            self.commit_statistics(torch.isfinite(loss.detach()) if self._undo_nonfinite else None)
+        metrics["loss_critic"] = loss.detach()
         if self.mode == "reduce-overhead":
             metrics = metrics.clone()  # a replayed CUDA graph reuses its output memory
-        metrics["loss_critic"] = loss.detach()
         if diagnostics:
             metrics["grad_norm_critic"] = gradient_norm(self.critic.parameters())
         self._optimizer_step(self.critic_opt, loss, 0)
@@ -205,7 +226,8 @@ class DIMEUpdate:
 
     def actor_update(self, minibatch: TensorDict, diagnostics: bool = True) -> TensorDict | None:
         """Actor (ALGORITHM.md §1.7), temperature (§3) and target refresh; None if skipped (eager check)."""
-        mark_compiled_step()
+        if self.mode != "whole":
+            mark_compiled_step()
         metrics = self.actor_loss(self.actor, self.critic, minibatch["observation"], self.temperature.alpha())
         loss = metrics.pop("loss_actor")
         if self._skip_now("loss_actor", loss):
@@ -213,9 +235,9 @@ class DIMEUpdate:
         self.actor_opt.zero_grad()
         self.backward(loss)
         zero_nan_and_clip_gradients_(self.actor.parameters(), self.actor_grad_clip)
+        metrics["loss_actor"] = loss.detach()
         if self.mode == "reduce-overhead":
             metrics = metrics.clone()
-        metrics["loss_actor"] = loss.detach()
         metrics["policy_q_mean"] = metrics.pop("q_mean")  # Q of fresh actions; "q_mean" is the critic's
         if diagnostics:
             metrics["grad_norm_actor"] = gradient_norm(self.actor.parameters())
@@ -263,6 +285,7 @@ class DIMEUpdate:
                 # that nothing recompiles while the graph is captured
                 variant = CudaGraphModule(variant, warmup=3, in_keys=[], out_keys=[])
             self._variants[pattern] = variant
+        mark_compiled_step()  # for CUDA-graph trees of compiled acting: a new step begins
         out = variant(sample)
         self.critic_updates += len(pattern)
         self.actor_updates += sum(pattern)

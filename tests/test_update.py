@@ -89,12 +89,15 @@ def eager_random_in_graphs():
         yield
 
 
-def test_whole_step_matches_eager_over_a_schedule_cycle(eager_random_in_graphs) -> None:
-    """6 env steps (two schedule cycles, 4 actor updates, past the batch-renorm warm-up), same seed and noise."""
+@pytest.mark.parametrize("mode", ["whole", "default"])
+def test_compiled_update_matches_eager_over_a_schedule_cycle(eager_random_in_graphs, mode) -> None:
+    """6 env steps (two schedule cycles, 4 actor updates, past the batch-renorm warm-up), same seed and noise:
+    the whole step, and the compiled losses (which read mutated batch-renorm statistics in their backward
+    before critic.BatchRenorm deferred them)."""
     data = samples(6)
     eager_modules, whole_modules = tiny_modules(), tiny_modules()
     eager, eager_out = run("none", eager_modules, data)
-    whole, whole_out = run("whole", whole_modules, data)
+    whole, whole_out = run(mode, whole_modules, data)
     assert eager.counters() == whole.counters() == {"critic_updates": 12, "actor_updates": 4, "skipped_updates": 0}
     for key in ("loss_critic", "q_mean", "critic_entropy"):  # the first update's losses
         torch.testing.assert_close(whole_out[0][key], eager_out[0][key], rtol=1e-12, atol=1e-12)
@@ -175,6 +178,7 @@ def test_deferred_nonfinite_skip_undoes_the_step_in_place(no_compile) -> None:
     modules = tiny_modules()
     whole, _ = run("whole", modules, samples(1), nonfinite="skip")
     critic_before = {k: v.clone() for k, v in modules[1].named_parameters()}
+    statistics_before = {k: v.clone() for k, v in modules[1].state_dict().items() if "running" in k}
     actor_before = {k: v.clone() for k, v in modules[0].named_parameters()}
     optimizer_before = copy.deepcopy(whole.critic_opt.state_dict()["state"])
     nan = float("nan")
@@ -182,6 +186,8 @@ def test_deferred_nonfinite_skip_undoes_the_step_in_place(no_compile) -> None:
     whole(torch.stack([transitions(reward=nan), transitions(reward=nan)]))
     for name, value in modules[1].named_parameters():  # both critic steps (NaN targets) were undone ...
         assert torch.equal(value, critic_before[name]), name
+    for name, value in statistics_before.items():  # ... and kept their batch-renorm statistics
+        assert torch.equal(modules[1].state_dict()[name], value), name
     for index, entry in optimizer_before.items():  # ... with the optimizer's moments and step counts
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(whole.critic_opt.state_dict()["state"][index][key], entry[key]), key
@@ -223,3 +229,24 @@ def test_whole_mode_fit_is_killed_and_resumes_with_the_counters_of_an_uninterrup
     steps = [m.step for m in history]
     assert steps == sorted(set(steps)) and steps[-1] > 300 and all(math.isfinite(m.value) for m in history)
 
+
+
+def test_a_checkpoint_of_another_mode_resumes_with_this_modes_optimizer_flags() -> None:
+    """Loaded param-group flags win over the constructor's: align_loaded_optimizers restores "whole"'s."""
+    data = samples(2)
+    eager, _ = run("none", tiny_modules(), data)
+    saved = [copy.deepcopy(optimizer.state_dict()) for optimizer in eager.optimizers]
+    assert not saved[0]["param_groups"][0]["fused"]
+    whole = DIMEUpdate(*tiny_modules(), compile="whole")
+    for optimizer, state_dict in zip(whole.build_optimizers(), saved, strict=True):
+        optimizer.load_state_dict(state_dict)
+    assert not whole.critic_opt.param_groups[0]["fused"]  # the checkpoint's flag, not this mode's
+    whole.align_loaded_optimizers()
+    for optimizer in whole.optimizers:
+        assert optimizer.param_groups[0]["fused"]
+        for state in optimizer.state.values():
+            assert state["step"].dtype == torch.float32 and state["step"].device.type == "cpu"
+    with HostSyncCounter() as counter:  # fused again: the steps read nothing back
+        for sample in data:
+            whole.env_step_body(sample, whole.phase())
+    assert counter.seen == []
