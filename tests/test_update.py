@@ -148,12 +148,16 @@ ALLOWED_BREAKS = {
     "don't trace into fused optimizer": "fused Adam runs as its own kernel",
     # critic.frozen() swaps in detached parameters with a TensorDict context manager Dynamo does not trace
     "step_unsupported": "the critic's frozen() context in the actor loss",
+    # after other compiles in the same process, Dynamo may decline to inline a function torch marks as skipped
+    # (it then runs as plain Python between graphs: no host read, and on CUDA it is captured all the same)
+    "Attempted to inline function marked as skipped": "a torch-internal function Dynamo runs outside its graphs",
 }
 
 
 @pytest.mark.parametrize("pattern", [(False, False), (True, False), (False, True)])
 def test_whole_step_graph_breaks_are_the_named_ones(pattern) -> None:
     """Each of the 3 variants "whole" compiles at utd 2 / delay 3 (Dynamo's explain: tracing only)."""
+    torch._dynamo.reset()  # explain reports what it traces: code compiled by earlier tests would be skipped
     updater = DIMEUpdate(*tiny_modules(), compile="whole")
     updater.build_optimizers()
     explained = torch._dynamo.explain(functools.partial(updater.env_step_body, pattern=pattern))(samples(1)[0])
