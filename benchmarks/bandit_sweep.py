@@ -4,7 +4,7 @@
     python benchmarks/bandit_sweep.py --tiny           # seconds; used by the tests
 
 The bandit is one step, so Q(s, a) = r(a) exactly; replacing the learned critic by r isolates what the actor
-objective L = E[−r(a) + α log π̂(a)] (ALGORITHM.md §1.7, the paper's optimiser and clipping) does with four
+objective L = E[−r(a) + α log π̂(a)] (docs/algorithm.md §1.7, the paper's optimiser and clipping) does with four
 equally good modes. Every ``--every`` updates, 2,000 actions are sampled and the share within 0.25 of each
 optimum is recorded (a mode counts as covered at ≥ 10 %). Results: benchmarks/results/bandit_sweep.json.
 """

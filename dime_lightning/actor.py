@@ -1,4 +1,4 @@
-"""The DIME diffusion actor: an Euler–Maruyama sampler with a variational bound on log π (ALGORITHM.md §1).
+"""The DIME diffusion actor: an Euler–Maruyama sampler with a variational bound on log π (docs/algorithm.md §1).
 
 Chain order follows the sampler convention: x_0 is prior noise, x_N the pre-tanh action.
 
@@ -25,7 +25,7 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 
 def cosine_step_profile(num_steps: int, s: float = 0.008, minimum: float = 0.001) -> torch.Tensor:
-    """Relative step sizes c(n), n = 0..N−1: large near the prior, tiny near the action (ALGORITHM.md §1.2)."""
+    """Relative step sizes c(n), n = 0..N−1: large near the prior, tiny near the action (docs/algorithm.md §1.2)."""
     n = torch.arange(num_steps, dtype=torch.float64)
     tau = (num_steps - n) / num_steps
     profile = (1.0 - minimum) * torch.cos(0.5 * math.pi * (1.0 + s - tau) / (1.0 + s)) ** 2 + minimum
@@ -73,7 +73,7 @@ class FourierTimeEmbedding(nn.Module):
 
 
 class ControlNetwork(nn.Module):
-    """u_θ(x, s, n): the learned drift correction ("PISGRADNet"-style, ALGORITHM.md §1.4).
+    """u_θ(x, s, n): the learned drift correction ("PISGRADNet"-style, docs/algorithm.md §1.4).
 
     MLP on concat(x, s, time code(n)); the step index n enters as a raw float (0..N−1). The first layer is
     stored as three blocks (x, s, time code) initialised as one LeCun-normal layer on the concatenation, so

@@ -1,4 +1,4 @@
-"""Distributional CrossQ critic: an ensemble of categorical Q-networks with batch renormalisation (ALGORITHM.md §2).
+"""Distributional CrossQ critic: an ensemble of categorical Q-networks with batch renormalisation (docs/algorithm.md §2).
 
 Each critic: concat(s, a) → BRN → [Linear → ReLU → BRN] × L → Linear(K) → softmax over K atoms on
 linspace(v_min, v_max). There is no target network: (s, a) and (s', a') go through the critic in one joint
@@ -31,7 +31,7 @@ class BatchRenorm(BatchRenorm1d):
       statistics to side buffers and ``commit_statistics_()`` (called after the backward) applies them. Without
       it (the default) they are applied at once, as in TorchRL.
 
-    Conventions (checked against ALGORITHM.md §2.1 in the tests): running stat ← (1 − momentum)·stat +
+    Conventions (checked against docs/algorithm.md §2.1 in the tests): running stat ← (1 − momentum)·stat +
     momentum·batch, so Flax momentum 0.99 is ``momentum=0.01`` here; the running variance tracks the unbiased
     batch variance (a factor 2B/(2B − 1) ≈ 1.002 at 2B = 512 rows); the warm-up is a tensor condition, so
     forward has no host sync.

@@ -1,4 +1,4 @@
-"""DIME's three losses as pure functions (ALGORITHM.md §1.7, §2.2, §3).
+"""DIME's three losses as pure functions (docs/algorithm.md §1.7, §2.2, §3).
 
 Each public ``*_loss`` returns a TensorDict (batch_size []) holding its named loss (``loss_critic``,
 ``loss_actor``, ``loss_alpha``) with gradient, plus detached diagnostics. Nothing here steps an optimizer,
@@ -34,7 +34,7 @@ def soft_distributional_target(
     v_min: float,
     v_max: float,
 ) -> torch.Tensor:
-    """Soft categorical Bellman target, the average of the critics' projections (ALGORITHM.md §2.2 3–5).
+    """Soft categorical Bellman target, the average of the critics' projections (docs/algorithm.md §2.2 3–5).
 
     T z_j = clip(r + γ(1 − d)(z_j − α log π̂(a'|s')), v_min, v_max), projected per critic onto the support,
     then averaged over critics. next_probs (C, B, K); reward, terminated, next_log_prob (B,) -> (B, K).
@@ -68,7 +68,7 @@ def critic_loss(
     gamma: float,
     entropy_coef: float = 0.005,
 ) -> TensorDict:
-    """Distributional CrossQ loss with DIME's entropy-shifted target (ALGORITHM.md §2.2).
+    """Distributional CrossQ loss with DIME's entropy-shifted target (docs/algorithm.md §2.2).
 
     ``next_actor`` samples a' ~ π(·|s') with its bound log π̂(a'|s') (no gradient). The critic runs one
     joint train-mode pass over (s, a) and (s', a'); the target is built from the detached (s', a') half.
@@ -100,7 +100,7 @@ def critic_loss(
 def actor_loss(
     actor: nn.Module, critic: DistributionalCritic, obs: torch.Tensor, alpha: torch.Tensor
 ) -> TensorDict:
-    """L_π = mean_b[−Q̄(s, a) + α log π̂(a|s)], a ~ π_θ(·|s) reparameterised (ALGORITHM.md §1.7).
+    """L_π = mean_b[−Q̄(s, a) + α log π̂(a|s)], a ~ π_θ(·|s) reparameterised (docs/algorithm.md §1.7).
 
     Q̄ is the mean over critics of Σ_j p_j z_j, with the critic frozen (running statistics, detached
     parameters): gradients reach the actor only. ``running_cost`` (detached mean) feeds the temperature.
@@ -120,7 +120,7 @@ def actor_loss(
 
 
 def temperature_loss(temperature: Temperature, statistic: torch.Tensor) -> TensorDict:
-    """L_α = −α (statistic − target) (ALGORITHM.md §3); ``statistic`` is the actor batch's mean running cost."""
+    """L_α = −α (statistic − target) (docs/algorithm.md §3); ``statistic`` is the actor batch's mean running cost."""
     return TensorDict(
         loss_alpha=temperature.loss(statistic),
         alpha=temperature.alpha(),

@@ -1,4 +1,4 @@
-"""``DIMEModule``: DIME as a Lightning module with manual optimization (ALGORITHM.md §4).
+"""``DIMEModule``: DIME as a Lightning module with manual optimization (docs/algorithm.md §4).
 
 One ``training_step`` = one env step: the framework-free ``update.DIMEUpdate`` runs ``utd`` critic updates
 and, after every ``policy_delay``-th critic update (counted globally), an actor update, a temperature update and

@@ -1,4 +1,4 @@
-"""Optimizer conventions of the reference (ALGORITHM.md §1.7, §2.2, §5).
+"""Optimizer conventions of the reference (docs/algorithm.md §1.7, §2.2, §5).
 
 Actor and critic: Adam(lr 3e-4, β = (0.5, 0.999)). Actor gradients: NaN → 0, then each entry clipped to
 [−clip, clip] (element-wise, not global-norm). Temperature: Adam(lr 1e-3) with default betas.

@@ -1,4 +1,4 @@
-"""The reference update schedule (ALGORITHM.md §4): ``utd`` critic updates per env step and one actor +
+"""The reference update schedule (docs/algorithm.md §4): ``utd`` critic updates per env step and one actor +
 temperature update (with target-actor refresh) every ``policy_delay`` critic updates, counted globally."""
 
 from __future__ import annotations

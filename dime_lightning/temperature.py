@@ -1,4 +1,4 @@
-"""Automatic temperature tuning (ALGORITHM.md §3).
+"""Automatic temperature tuning (docs/algorithm.md §3).
 
 α = exp(log α), init 1. The loss pulls a per-batch *statistic* of the actor sample towards a target:
 

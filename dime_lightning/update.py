@@ -1,4 +1,4 @@
-"""The update of one env step, outside any framework (ALGORITHM.md §4): DIME's whole learning step in one object.
+"""The update of one env step, outside any framework (docs/algorithm.md §4): DIME's whole learning step in one object.
 
     updater = DIMEUpdate(actor, critic, temperature)        # the paper's settings are the defaults
     updater.build_optimizers(fused=device.type == "cuda")   # once the modules sit on their device
@@ -203,7 +203,7 @@ class DIMEUpdate:
         return metrics
 
     def critic_update(self, minibatch: TensorDict, diagnostics: bool = True) -> TensorDict | None:
-        """One critic update (ALGORITHM.md §2.2); None if skipped for a non-finite loss (eager check)."""
+        """One critic update (docs/algorithm.md §2.2); None if skipped for a non-finite loss (eager check)."""
         if self.mode != "whole":  # "whole" marks the step once, outside its captured graph
             mark_compiled_step()
         metrics = self.critic_loss(self.critic, self.target_actor or self.actor, minibatch, self.temperature.alpha(),
@@ -225,7 +225,7 @@ class DIMEUpdate:
         return metrics
 
     def actor_update(self, minibatch: TensorDict, diagnostics: bool = True) -> TensorDict | None:
-        """Actor (ALGORITHM.md §1.7), temperature (§3) and target refresh; None if skipped (eager check)."""
+        """Actor (docs/algorithm.md §1.7), temperature (§3) and target refresh; None if skipped (eager check)."""
         if self.mode != "whole":
             mark_compiled_step()
         metrics = self.actor_loss(self.actor, self.critic, minibatch["observation"], self.temperature.alpha())

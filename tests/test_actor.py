@@ -1,4 +1,4 @@
-"""DiffusionActor: ALGORITHM.md §8 items 1–6 (shapes, schedule, zero-control identity, the entropy bound,
+"""DiffusionActor: docs/algorithm.md §8 items 1–6 (shapes, schedule, zero-control identity, the entropy bound,
 initial policy, gradients)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests for the distributional CrossQ critic (ALGORITHM.md §2.1, §8 items 7 and 9)."""
+"""Tests for the distributional CrossQ critic (docs/algorithm.md §2.1, §8 items 7 and 9)."""
 
 from __future__ import annotations
 

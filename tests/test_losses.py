@@ -1,4 +1,4 @@
-"""Tests for DIME's losses, temperature and optimizer helpers (ALGORITHM.md §2.2, §3, §8 items 8, 10, 12)."""
+"""Tests for DIME's losses, temperature and optimizer helpers (docs/algorithm.md §2.2, §3, §8 items 8, 10, 12)."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def manual_critic_loss(
     entropy_coef: float = 0.005,
     detach_target: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ALGORITHM.md §2.2 written out: joint pass, per-critic projection, average, CE − coef·H summed."""
+    """docs/algorithm.md §2.2 written out: joint pass, per-critic projection, average, CE − coef·H summed."""
     reward = batch["next", "reward"].squeeze(-1)
     done = batch["next", "terminated"].squeeze(-1).float()
     logits, next_logits = critic.joint(

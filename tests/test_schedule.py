@@ -1,4 +1,4 @@
-"""ALGORITHM.md §8 item 11: the update-schedule counts."""
+"""docs/algorithm.md §8 item 11: the update-schedule counts."""
 
 import pytest
 
