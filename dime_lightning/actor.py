@@ -145,7 +145,27 @@ class DiffusionActor(nn.Module):
     Learned parameters: the control network, a scalar step parameter θ_dt (softplus(θ_dt) = ``init_dt``)
     and a per-dimension friction θ_φ (softplus(θ_φ) = ``init_friction``). Effective step η_{n,d} =
     softplus(θ_dt)·c(n) / softplus(θ_φ,d), noise std sqrt(2η). Everything is graph-friendly: no host syncs,
-    no branches on tensor values.
+    no branches on tensor values. docs/algorithm.md §1.
+
+    Args:
+        obs_dim: observation size; linked from the env (never set in a config).
+        action_dim: action size D; linked from the env (never set in a config).
+        num_steps: diffusion steps N of the sampler, >= 1. Default 16.
+        prior_std: standard deviation σ0 of the fixed prior N(0, σ0² I), > 0. Default 2.5.
+        init_dt: initial step scale softplus(θ_dt), > 0. Default 0.1.
+        learn_dt: learn the step scale θ_dt. Default true.
+        init_friction: initial per-dimension friction softplus(θ_φ), > 0. Default 1.
+        learn_friction: learn the friction θ_φ. Default true.
+        hidden_dim: width of the control network's main MLP. Default 256.
+        num_layers: GELU layers of the control network's main MLP, >= 1. Default 3.
+        time_features: Fourier frequencies of the time code (it has twice as many values). Default 256.
+        time_hidden_dim: width of the time-code MLP. Default 256.
+        min_freq: lowest Fourier frequency (per step index). Default 0.1.
+        max_freq: highest Fourier frequency (per step index). Default 100.
+        last_layer_init: constant the control network's last-layer weights start at (u ≈ 0). Default 1e-8.
+        control_clip: the control u is clipped to [−c, c]. Default 1e4.
+        schedule_s: offset s of the cosine step profile c(n). Default 0.008.
+        schedule_min: floor m of the cosine step profile c(n). Default 0.001.
     """
 
     def __init__(

@@ -81,9 +81,16 @@ class Evaluation(Callback):
 
 
 class TrainingMonitor(Callback):
-    """Training-episode returns (at the env step each episode ended) and env steps per second."""
+    """Training-episode returns (at the env step each episode ended) and env steps per second.
+
+    Args:
+        every_env_steps: env steps between two throughput records (``time/env_steps_per_second``), >= 1.
+            Default 1000.
+    """
 
     def __init__(self, every_env_steps: int = 1_000) -> None:
+        if every_env_steps < 1:
+            raise ValueError(f"monitor.every_env_steps must be >= 1, got {every_env_steps}")
         self.every_env_steps = every_env_steps
         self._t0 = self._t_last = 0.0
         self._steps_last = 0

@@ -62,6 +62,14 @@ class EnvStepCheckpoint(Callback):
     ``keep`` bounds the number of step checkpoints (and buffer dumps) kept on disk; ``save_buffer`` dumps
     the replay buffer beside each checkpoint (large for million-transition buffers: without it a resumed run
     refills its buffer with ``learning_starts`` fresh env steps before updating again).
+
+    Args:
+        every_env_steps: env steps between step checkpoints, >= 1. Default 50000.
+        dirpath: checkpoint folder; null: ``checkpoints/<MLflow run id>`` in the working directory.
+        keep: step checkpoints (and buffer dumps) kept on disk, >= 1; last.ckpt and final.ckpt are links.
+            Default 2.
+        save_buffer: dump the replay buffer beside each checkpoint (TorchRL dumps). Default true.
+        log_artifacts: also log each checkpoint as an MLflow artifact of the run. Default true.
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""Distributional CrossQ critic: an ensemble of categorical Q-networks with batch renormalisation (docs/algorithm.md §2).
+"""Distributional CrossQ critic: a categorical Q-network ensemble with batch renormalisation (docs/algorithm.md §2).
 
 Each critic: concat(s, a) → BRN → [Linear → ReLU → BRN] × L → Linear(K) → softmax over K atoms on
 linspace(v_min, v_max). There is no target network: (s, a) and (s', a') go through the critic in one joint
@@ -109,7 +109,26 @@ def _critic_mlp(
 
 
 class DistributionalCritic(nn.Module):
-    """``num_critics`` independent categorical critics; ``forward`` returns logits of shape (C, B, K)."""
+    """``num_critics`` independent categorical critics; ``forward`` returns logits of shape (C, B, K).
+
+    Each: concat(s, a) → BRN → [Linear → ReLU → BRN] per hidden width → Linear(num_atoms), a softmax over the
+    atoms linspace(v_min, v_max, num_atoms) (docs/algorithm.md §2.1).
+
+    Args:
+        obs_dim: observation size; linked from the env (never set in a config).
+        action_dim: action size; linked from the env (never set in a config).
+        num_critics: ensemble size, >= 1; the TD target averages their projections. Default 2.
+        hidden_dims: widths of the hidden layers. Default [2048, 2048] (the paper; CPU configs use 256).
+        num_atoms: atoms of the categorical value distribution, >= 2. Default 101.
+        v_min: lowest atom, in return units (must be < v_max). Default −1600 (Gym MuJoCo; DMC: −200).
+        v_max: highest atom, in return units. Default 1600 (Gym MuJoCo; DMC: 200).
+        brn_momentum: batch-renorm running-statistics rate (PyTorch convention: stat ← (1 − m)·stat +
+            m·batch), in (0, 1]. Default 0.01.
+        brn_eps: batch-renorm variance epsilon. Default 1e-3.
+        brn_warmup_steps: critic updates during which batch renorm is plain batch norm, >= 0. Default 100000.
+        brn_max_r: batch-renorm r is clipped to [1/r_max, r_max]. Default 3.
+        brn_max_d: batch-renorm d is clipped to [−d_max, d_max]. Default 5.
+    """
 
     def __init__(
         self,

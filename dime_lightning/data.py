@@ -59,7 +59,23 @@ class FinishedEpisode:
 
 
 class ReplayDataModule(pl.LightningDataModule):
-    """Env, collector and replay buffer for one rank; yields one ``StepBatch`` per env step."""
+    """Env, collector and replay buffer for one rank; yields one ``StepBatch`` per env step.
+
+    Args:
+        env_id: a Gymnasium id with a bounded continuous action space, ``dm_control/<domain>-<task>``, or a
+            built-in toy task. Default Pendulum-v1.
+        total_env_steps: length of training in env steps, over all ranks, >= learning_starts. Default 1000000.
+        learning_starts: env steps of uniform random actions before the first update, >= 0. Default 5000.
+        buffer_size: replay capacity in transitions (per rank), >= 1. Default 1000000.
+        batch_size: transitions per minibatch (each of the utd minibatches of an env step), >= 1. Default 256.
+        utd: minibatches per env step; linked from model.utd (never set here).
+        frames_per_batch: env steps collected per collector batch (a multiple of num_workers), >= 1. Default 1.
+        num_workers: env worker processes of the collector (1: the env runs in this process). Default 1.
+        storage: where the replay buffer lives: 'memory' (RAM), 'memmap' (files under scratch_dir) or
+            'device' (on the training device, sampled there). Default 'memory'.
+        scratch_dir: folder of the 'memmap' storage; null: a temporary folder. Default null.
+        seed: seed of the envs and the buffer sampler; linked from seed_everything (never set here).
+    """
 
     def __init__(
         self,

@@ -62,7 +62,18 @@ class MLflowSettings:
     """MLflow tracking. ``tracking_uri``: None → $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working
     directory (embedded, no server). ``experiment_name``: None → the env id. Writes are queued (training never
     waits for the store): ``max_pending`` records wait in memory, more go to ``mlflow-pending-*.jsonl`` beside the
-    checkpoints, as does whatever is undelivered ``flush_timeout`` seconds after training ends."""
+    checkpoints, as does whatever is undelivered ``flush_timeout`` seconds after training ends.
+
+    Args:
+        enabled: track the run in MLflow. Default true.
+        tracking_uri: MLflow tracking URI (``sqlite:///path.db``, ``http(s)://…``, ``databricks``); null:
+            $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
+        experiment_name: MLflow experiment; null: the env id.
+        run_name: MLflow run name; null: MLflow picks one.
+        max_pending: MLflow records queued in memory before they spill to a file, >= 1. Default 10000.
+        flush_timeout: seconds to wait for the tracking store after training before spilling what is left
+            to ``mlflow-pending-*.jsonl``, >= 0. Default 60.
+    """
 
     enabled: bool = True
     tracking_uri: str | None = None
@@ -202,6 +213,7 @@ def build_cli(args: list[str] | None = None) -> DIMECLI:
             trainer_defaults=TRAINER_DEFAULTS,
             seed_everything_default=0,
             save_config_callback=None,  # replaced by MLflowRunInfo (the stock one breaks on non-file URIs)
+            auto_configure_optimizers=False,  # the module builds its own three optimizers (docs/algorithm.md §5)
             parser_kwargs={"description": __doc__},
             args=args,
             run=False,

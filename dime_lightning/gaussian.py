@@ -16,7 +16,16 @@ from dime_lightning.actor import LOG_2PI, ActorOutput, DiffusionActor, tanh_log_
 
 
 class TanhGaussianActor(nn.Module):
-    """a = tanh(μ(s) + σ(s)·ε), ε ~ N(0, I); an MLP with ``num_layers`` ReLU layers outputs μ and log σ."""
+    """a = tanh(μ(s) + σ(s)·ε), ε ~ N(0, I); an MLP with ``num_layers`` ReLU layers outputs μ and log σ.
+
+    Args:
+        obs_dim: observation size; linked from the env (never set in a config).
+        action_dim: action size; linked from the env (never set in a config).
+        hidden_dim: width of the MLP, >= 1. Default 256.
+        num_layers: ReLU layers of the MLP, >= 1. Default 2.
+        log_std_min: lower clamp of log σ. Default −20.
+        log_std_max: upper clamp of log σ (must be > log_std_min). Default 2.
+    """
 
     def __init__(
         self,

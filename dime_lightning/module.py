@@ -34,6 +34,36 @@ TemperatureFactory = Callable[[int], Temperature]
 
 
 class DIMEModule(pl.LightningModule):
+    """DIME's actor, critics and temperature, updated once per env step (docs/algorithm.md §4, §5).
+
+    Args:
+        obs_dim: observation size; linked from the env by the data module (never set in a config).
+        action_dim: action size D; linked from the env by the data module (never set in a config).
+        actor: the policy: a class (or callable) built as ``actor(obs_dim, action_dim)`` with its other init
+            args from the config; ``DiffusionActor`` (DIME) or ``TanhGaussianActor`` (the Gaussian switch).
+        critic: the critic ensemble, built as ``critic(obs_dim, action_dim)``; ``DistributionalCritic``.
+        temperature: the temperature α, built as ``temperature(action_dim)``; ``Temperature``.
+        gamma: discount γ of the TD target, in [0, 1]. Default 0.99.
+        utd: critic updates per env step (update-to-data ratio), >= 1. Default 2.
+        policy_delay: critic updates per actor update, counted globally over critic updates, >= 1. Default 3.
+        policy_tau: Polyak rate of the target actor in (0, 1]; 1 (default) refreshes it to the actor after
+            every actor update, so no copy is kept.
+        actor_lr: Adam learning rate of the actor, > 0. Default 3e-4.
+        critic_lr: Adam learning rate of the critics, > 0. Default 3e-4.
+        betas: Adam (β1, β2) of actor and critics. Default (0.5, 0.999).
+        actor_grad_clip: element-wise clip of each actor gradient entry to [−c, c] after NaN → 0, > 0. Default 1.
+        critic_entropy_coef: weight of the bonus for the entropy of the critics' output distributions, >= 0.
+            Default 0.005.
+        check_finite: check every loss for NaN/inf and act as ``nonfinite`` says. Default true.
+        nonfinite: on a non-finite loss: 'stop' (exit 3, the last good checkpoint kept) or 'skip' (undo that
+            update and go on, counted in ``train/skipped_updates``). Default 'stop'.
+        compile_update: 'none' (eager), 'default' or 'reduce-overhead' (the three losses through
+            torch.compile), 'whole' (the whole env-step update compiled, and captured as CUDA graphs on a
+            GPU; one process only). Default 'none'.
+        compile_act: acting through torch.compile: 'none', 'default', 'reduce-overhead' (a CUDA graph on a
+            GPU). Default 'none'.
+    """
+
     def __init__(
         self,
         obs_dim: int = 0,

@@ -22,6 +22,18 @@ TemperatureMode = Literal["auto", "fixed"]
 
 
 class Temperature(nn.Module):
+    """The temperature α of the max-entropy objective (docs/algorithm.md §3).
+
+    Args:
+        action_dim: action size D; linked from the env (never set in a config).
+        init_alpha: initial α, > 0. Default 1.
+        mode: 'auto' (tuned by its loss) or 'fixed' (α stays at ``init_alpha``). Default 'auto'.
+        target: target of the statistic; null (default) means ``target_per_dim`` · D.
+        target_per_dim: target per action dimension when ``target`` is null. Default 4 (DIME's running cost;
+            the Gaussian config sets it so that the target entropy is −D).
+        lr: Adam learning rate of log α, > 0. Default 1e-3.
+    """
+
     def __init__(
         self,
         action_dim: int,
