@@ -23,7 +23,15 @@ from torch import nn
 
 from dime_lightning.checkpointing import read_checkpoint, resolve_checkpoint
 from dime_lightning.envs import make_env
-from dime_lightning.toy_envs import BANDIT_MODES, GOAL_RADIUS, GOALS, mode_coverage
+from dime_lightning.toy_envs import (
+    BANDIT_MODES,
+    GOAL_RADIUS,
+    GOALS,
+    HAARNOJA_GOAL_RADIUS,
+    HAARNOJA_GOALS,
+    mode_coverage,
+    register_toy_envs,
+)
 
 
 @dataclass
@@ -108,8 +116,53 @@ def multigoal_final_positions(actor: nn.Module, episodes: int = 100, seed: int =
     return np.stack(finals)
 
 
-def goal_coverage(final_positions: np.ndarray) -> np.ndarray:
-    return mode_coverage(final_positions, GOALS, GOAL_RADIUS)
+def goal_coverage(final_positions: np.ndarray, goals: np.ndarray = GOALS, radius: float = GOAL_RADIUS) -> np.ndarray:
+    """Fraction of end positions within ``radius`` of each goal (MultiGoal-v0's goals by default)."""
+    return mode_coverage(final_positions, goals, radius)
+
+
+@torch.no_grad()
+def point_rollouts(actor: nn.Module, env_id: str = "MultiGoalHaarnoja-v0", episodes: int = 100,
+                   seed: int = 0) -> np.ndarray:
+    """Positions (episodes, T + 1, 2) of stochastic rollouts of a 2-D point-mass toy env from its start
+    distribution, NaN after an episode ends. One Gymnasium env per episode (seeds ``seed`` … ``seed +
+    episodes − 1``), stepped together with one batched actor call per step; actions pass unscaled (the toy
+    envs' action box is [−1, 1]²)."""
+    import gymnasium
+
+    torch.manual_seed(seed)
+    register_toy_envs()
+    envs = [gymnasium.make(env_id) for _ in range(episodes)]
+    assert all(np.allclose(np.abs(e.action_space.low), 1) for e in envs), "needs a [-1, 1] action box"
+    obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])  # (episodes, 2)
+    path, alive = [obs], np.ones(episodes, dtype=bool)
+    device = next(actor.parameters()).device
+    while alive.any():
+        actions = actor(torch.as_tensor(obs, dtype=torch.float32, device=device)).action.cpu().numpy()
+        step = np.full_like(obs, np.nan)
+        for i in np.flatnonzero(alive):
+            step[i], _, terminated, truncated, _ = envs[i].step(actions[i])
+            alive[i] = not (terminated or truncated)
+        path.append(step)
+        obs = np.where(np.isnan(step), obs, step)
+    for env in envs:
+        env.close()
+    return np.stack(path, axis=1)  # (T + 1, episodes, 2) -> (episodes, T + 1, 2)
+
+
+def final_positions(paths: np.ndarray) -> np.ndarray:
+    """Last non-NaN position (episodes, 2) of each path (episodes, T + 1, 2)."""
+    last = (~np.isnan(paths[..., 0])).sum(1) - 1  # (episodes,)
+    return paths[np.arange(len(paths)), last]
+
+
+def coverage_summary(final: np.ndarray, goals: np.ndarray = HAARNOJA_GOALS, radius: float = HAARNOJA_GOAL_RADIUS,
+                     covered: float = 0.10) -> dict[str, Any]:
+    """Share of end positions (episodes, 2) within ``radius`` of each goal, the number of goals reached by any
+    rollout and by at least a share ``covered`` of them, and the share that reached none."""
+    shares = mode_coverage(final, goals, radius)
+    return {"per_goal": shares.round(4).tolist(), "goals_reached": int((shares > 0).sum()),
+            "goals_covered": int((shares >= covered).sum()), "none": round(float(1.0 - shares.sum()), 4)}
 
 
 # ---- plots --------------------------------------------------------------------------------------------------

@@ -5,9 +5,15 @@
 - ``MultiGoal-v0``: a 2-D point mass starting near the origin, velocity actions, 4 equally good goals at
   (±2, 0) and (0, ±2) (the classic MaxEnt-RL multimodality demo, at unit scale). Reward: −0.1·|a|² − 0.5 ·
   (distance to the nearest goal), +10 on reaching a goal (the episode terminates); time limit 30 steps.
+- ``MultiGoalHaarnoja-v0``: the standard multi-goal task of soft Q-learning (Haarnoja et al. 2017, "Reinforcement
+  Learning with Deep Energy-Based Policies", §6.1), as defined there: position s ∈ [−7, 7]², velocity action
+  a ∈ [−1, 1]², s' = clip(s + a, −7, 7) (no noise), start s_0 ~ N(0, 0.1² I), goals at (±5, 0) and (0, ±5),
+  reward r = −30·|a|² − min_g |s − g|² (s: the state the action is taken in), plus 10 when |s' − g| ≤ 1 for a
+  goal g, which terminates the episode; time limit 30 steps. The registered id multiplies r by
+  ``reward_scale = 0.1``, the reward scale of the original training (the CLI has no reward-scale option).
 
-``register_toy_envs()`` registers both ids; ``envs.py`` calls it before reading an env id (no import-time
-registration).
+``register_toy_envs()`` registers all of ``TOY_ENV_IDS``; ``envs.py`` calls it before reading an env id (no
+import-time registration).
 """
 
 from __future__ import annotations
@@ -20,7 +26,11 @@ BANDIT_MODES = np.array([[0.5, 0.5], [-0.5, 0.5], [-0.5, -0.5], [0.5, -0.5]], dt
 BANDIT_WIDTH = 0.15
 GOALS = np.array([[2.0, 0.0], [0.0, 2.0], [-2.0, 0.0], [0.0, -2.0]], dtype=np.float32)
 GOAL_RADIUS = 0.25
-TOY_ENV_IDS = ("MultimodalBandit-v0", "MultiGoal-v0")
+HAARNOJA_GOALS = np.array([[5.0, 0.0], [0.0, 5.0], [-5.0, 0.0], [0.0, -5.0]], dtype=np.float32)
+HAARNOJA_GOAL_RADIUS = 1.0
+HAARNOJA_BOX = 7.0
+HAARNOJA_REWARD_SCALE = 0.1
+TOY_ENV_IDS = ("MultimodalBandit-v0", "MultiGoal-v0", "MultiGoalHaarnoja-v0")
 
 
 def bandit_reward(action: np.ndarray) -> np.ndarray:
@@ -82,8 +92,55 @@ class MultiGoal(gym.Env):
         return self.position.copy(), reward, reached, False, {}
 
 
+def haarnoja_reward(position: np.ndarray, action: np.ndarray) -> np.ndarray:
+    """−30·|a|² − min_g |s − g|² (unscaled, without the goal bonus) for positions and actions (..., 2)."""
+    sq_dist = ((np.asarray(position)[..., None, :] - HAARNOJA_GOALS) ** 2).sum(-1)  # (..., 4)
+    return -30.0 * (np.asarray(action) ** 2).sum(-1) - sq_dist.min(-1)
+
+
+class MultiGoalHaarnoja(gym.Env):
+    """The multi-goal task of Haarnoja et al. (2017) (see the module docstring).
+
+    Args:
+        reward_scale: factor applied to every reward, goal bonus included (> 0; the registered id uses 0.1).
+        start_std: standard deviation of the start position around the origin, in position units (≥ 0).
+    """
+
+    metadata = {"render_modes": []}  # noqa: RUF012 (the Gymnasium convention)
+
+    def __init__(self, reward_scale: float = HAARNOJA_REWARD_SCALE, start_std: float = 0.1) -> None:
+        if not reward_scale > 0:
+            raise ValueError(f"MultiGoalHaarnoja: reward_scale must be > 0, got {reward_scale}")
+        if not start_std >= 0:
+            raise ValueError(f"MultiGoalHaarnoja: start_std must be >= 0, got {start_std}")
+        self.reward_scale = reward_scale
+        self.start_std = start_std
+        self.observation_space = spaces.Box(-HAARNOJA_BOX, HAARNOJA_BOX, shape=(2,), dtype=np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, shape=(2,), dtype=np.float32)
+        self.position = np.zeros(2, dtype=np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.position = self.np_random.normal(0.0, self.start_std, size=2).astype(np.float32)
+        return self.position.copy(), {}
+
+    def step(self, action):
+        action = np.clip(np.asarray(action, dtype=np.float32), -1.0, 1.0)
+        reward = float(haarnoja_reward(self.position, action))
+        self.position = np.clip(self.position + action, -HAARNOJA_BOX, HAARNOJA_BOX).astype(np.float32)
+        reached = bool(np.linalg.norm(HAARNOJA_GOALS - self.position, axis=-1).min() <= HAARNOJA_GOAL_RADIUS)
+        reward += 10.0 if reached else 0.0
+        return self.position.copy(), self.reward_scale * reward, reached, False, {}
+
+
+_REGISTRATIONS = {
+    "MultimodalBandit-v0": {"entry_point": MultimodalBandit},  # terminates after 1 step
+    "MultiGoal-v0": {"entry_point": MultiGoal, "max_episode_steps": 30},
+    "MultiGoalHaarnoja-v0": {"entry_point": MultiGoalHaarnoja, "max_episode_steps": 30},
+}
+
+
 def register_toy_envs() -> None:
-    if "MultimodalBandit-v0" not in gym.registry:
-        gym.register("MultimodalBandit-v0", entry_point=MultimodalBandit)  # terminates after 1 step
-    if "MultiGoal-v0" not in gym.registry:
-        gym.register("MultiGoal-v0", entry_point=MultiGoal, max_episode_steps=30)
+    for env_id in TOY_ENV_IDS:
+        if env_id not in gym.registry:
+            gym.register(env_id, **_REGISTRATIONS[env_id])

@@ -1,0 +1,135 @@
+"""Goal coverage on the standard multi-goal task (MultiGoalHaarnoja-v0): DIME vs the tanh-Gaussian actor.
+
+    python benchmarks/multigoal_coverage.py                     # 3 fixed α + auto-α, 2 seeds, 2 policies, 2 jobs
+    python benchmarks/multigoal_coverage.py --alphas 0.1 1.0 --seeds 0 --steps 4000
+    python benchmarks/multigoal_coverage.py --tiny --workdir /tmp/mgc --results /tmp/mgc.json   # seconds
+
+Each run trains through the real CLI (``python -m dime_lightning.fit --config conf/multigoal_haarnoja.yaml``,
+plus ``conf/gaussian.yaml`` for the Gaussian; the temperature is switched to ``mode: fixed`` at the given α, or
+left on auto), with ``OMP_NUM_THREADS=1`` under ``nice -n 5``, at most ``--jobs`` at a time. Then ``--episodes``
+stochastic rollouts from the start distribution N(0, 0.1² I) (around the origin) are run with the trained actor
+and each rollout's end is assigned to the goal within 1 of it (the task's termination radius), or to none.
+Results go to ``--results`` (JSON), rewritten after every run; finished runs found there are skipped, so an
+interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+BASE = [CONF / "multigoal_haarnoja.yaml"]
+POLICIES = {"DIME": [], "Gaussian": [CONF / "gaussian.yaml"]}  # the actor switch comes last
+LOCK = threading.Lock()
+
+
+def run_name(policy: str, alpha: str, seed: int) -> str:
+    return f"{policy}-alpha{alpha}-seed{seed}"
+
+
+def fit_command(policy: str, alpha: str, seed: int, args: argparse.Namespace, dirpath: Path) -> list[str]:
+    configs = [*BASE, *([CONF / "smoke.yaml"] if args.tiny else []), *POLICIES[policy]]
+    temperature = [] if alpha == "auto" else ["--model.temperature.init_args.mode", "fixed",
+                                              "--model.temperature.init_args.init_alpha", alpha]
+    return ["nice", "-n", "5", sys.executable, "-m", "dime_lightning.fit",
+            *[arg for config in configs for arg in ("--config", str(config))], *temperature,
+            "--seed_everything", str(seed), "--data.total_env_steps", str(args.steps),
+            "--mlflow.tracking_uri", f"sqlite:///{dirpath / 'mlflow.db'}",
+            "--mlflow.experiment_name", "multigoal-coverage", "--mlflow.run_name", dirpath.name,
+            "--checkpoint.dirpath", str(dirpath), "--trainer.enable_progress_bar", "false"]
+
+
+def final_alpha(checkpoint: Path) -> float:
+    from dime_lightning.checkpointing import read_checkpoint
+
+    return float(read_checkpoint(checkpoint)["state_dict"]["temperature.log_alpha"].exp())
+
+
+def evaluate(checkpoint: Path, episodes: int, seed: int) -> dict:
+    import numpy as np
+    import torch
+
+    from dime_lightning import analysis
+
+    torch.set_num_threads(1)
+    policy = analysis.load_policy(checkpoint)
+    paths = analysis.point_rollouts(policy.actor, policy.env_id, episodes=episodes, seed=seed)
+    lengths = (~np.isnan(paths[..., 0])).sum(1) - 1
+    return {**analysis.coverage_summary(analysis.final_positions(paths)), "mean_length": float(lengths.mean()),
+            "final_alpha": final_alpha(checkpoint)}
+
+
+def run_one(policy: str, alpha: str, seed: int, args: argparse.Namespace) -> dict:
+    dirpath = Path(args.workdir).resolve() / run_name(policy, alpha, seed)
+    dirpath.mkdir(parents=True, exist_ok=True)
+    checkpoint = dirpath / "final.ckpt"
+    started = time.perf_counter()
+    if not checkpoint.exists():
+        with open(dirpath / "train.log", "w") as log:
+            result = subprocess.run(fit_command(policy, alpha, seed, args, dirpath), cwd=dirpath, stdout=log,
+                                    stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if result.returncode != 0:
+            raise RuntimeError(f"{dirpath.name}: training failed (exit {result.returncode}), see {log.name}")
+    wall = time.perf_counter() - started
+    with LOCK:  # one evaluation at a time, in this process
+        coverage = evaluate(checkpoint, args.episodes, seed=1000 + seed)
+    return {"policy": policy, "alpha": alpha, "seed": seed, "env_steps": args.steps, "train_wall_s": round(wall, 1),
+            "episodes": args.episodes, **coverage}
+
+
+def load_results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"runs": []}
+
+
+def save(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--alphas", nargs="+", default=["0.1", "0.3", "1.0"], help="fixed α values (plus auto)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    parser.add_argument("--steps", type=int, default=8_000, help="env steps per run")
+    parser.add_argument("--episodes", type=int, default=100, help="rollouts per trained policy")
+    parser.add_argument("--jobs", type=int, default=2, help="training processes at once")
+    parser.add_argument("--workdir", default=str(ROOT / "benchmarks" / "runs" / "multigoal_coverage"))
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "multigoal_coverage.json"))
+    parser.add_argument("--tiny", action="store_true", help="conf/smoke.yaml sizes (a quick check)")
+    args = parser.parse_args(argv)
+    for alpha in args.alphas:
+        if not float(alpha) > 0:
+            raise SystemExit(f"--alphas: every α must be > 0, got {alpha}")
+    results_path = Path(args.results)
+    results = load_results(results_path)
+    done = {(r["policy"], r["alpha"], r["seed"]) for r in results["runs"] if r["env_steps"] == args.steps}
+    todo = [(p, a, s) for s in args.seeds for a in ["auto", *args.alphas] for p in args.policies
+            if (p, a, s) not in done]
+    results["config"] = {"base": [str(c.relative_to(ROOT)) for c in BASE], "tiny": args.tiny,
+                         "command": " ".join(["python", "benchmarks/multigoal_coverage.py", *(argv or sys.argv[1:])])}
+    print(f"{len(done)} runs found in {results_path}, {len(todo)} to do", flush=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(run_one, *key, args) for key in todo]
+        for future in futures:
+            record = future.result()
+            with LOCK:
+                results["runs"].append(record)
+                results["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
+                save(results_path, results)
+            print(json.dumps(record), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
