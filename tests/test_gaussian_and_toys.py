@@ -83,3 +83,25 @@ def test_mode_coverage_counts_points_near_each_mode():
                              np.zeros((10, 2))])
     coverage = mode_coverage(points, BANDIT_MODES, radius=0.25)
     assert np.allclose(coverage, [0.6, 0.0, 0.3, 0.0])
+
+
+@pytest.mark.parametrize("gaussian", [False, True], ids=["DIME", "Gaussian"])
+def test_multigoal_haarnoja_config_builds_through_the_cli(gaussian, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from dime_lightning.fit import build_cli
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    monkeypatch.chdir(tmp_path)
+    overlay = ["--config", str(conf / "gaussian.yaml")] if gaussian else []
+    cli = build_cli(["--config", str(conf / "multigoal_haarnoja.yaml"), "--config", str(conf / "smoke.yaml"),
+                     *overlay, "--model.temperature.init_args.mode", "fixed",
+                     "--model.temperature.init_args.init_alpha", "0.3",
+                     "--mlflow.tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                     "--checkpoint.dirpath", str(tmp_path / "ckpt")])
+    model = cli.model
+    assert isinstance(model.actor, TanhGaussianActor if gaussian else DiffusionActor)
+    assert model.temperature.mode == "fixed" and model.temperature.alpha().item() == pytest.approx(0.3)
+    assert (model.critic.v_min, model.critic.v_max) == (-100.0, 10.0)
+    assert cli.datamodule.spec.env_id == "MultiGoalHaarnoja-v0"
+    assert (cli.datamodule.spec.obs_dim, cli.datamodule.spec.action_dim) == (2, 2)
