@@ -27,6 +27,7 @@ from dime_lightning.toy_envs import (
     BANDIT_MODES,
     GOAL_RADIUS,
     GOALS,
+    HAARNOJA_BOX,
     HAARNOJA_GOAL_RADIUS,
     HAARNOJA_GOALS,
     mode_coverage,
@@ -232,6 +233,35 @@ def plot_side_by_side(samples: dict[str, np.ndarray], dims: tuple[int, int] = (0
         fig.suptitle(suptitle)
     fig.tight_layout()
     return fig
+
+
+def plot_point_rollouts(paths: np.ndarray, ax=None, title: str = "", goals: np.ndarray = HAARNOJA_GOALS,
+                        radius: float = HAARNOJA_GOAL_RADIUS, box: float = HAARNOJA_BOX):
+    """Rollout paths (episodes, T + 1, 2) over the contours of the state cost min_g |s − g|² (the reward at
+    a = 0, unscaled), the goals' termination discs drawn in red; an end at a goal is a dot, elsewhere a cross."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.5, 4.5))
+    grid = np.linspace(-box, box, 141)
+    xx, yy = np.meshgrid(grid, grid)
+    cost = ((np.stack([xx, yy], -1)[..., None, :] - goals) ** 2).sum(-1).min(-1)  # (141, 141)
+    contours = ax.contourf(xx, yy, cost, levels=np.arange(0, 55, 5), cmap="Greys", alpha=0.45)
+    for goal in goals:
+        ax.add_patch(plt.Circle(goal, radius, color="tab:red", alpha=0.35, lw=0))
+    ends = final_positions(paths)
+    at_goal = np.linalg.norm(ends[:, None] - goals, axis=-1).min(-1) <= radius
+    for path in paths:
+        ax.plot(path[:, 0], path[:, 1], color="tab:blue", lw=0.7, alpha=0.5)
+    ax.scatter(*ends[at_goal].T, s=10, color="tab:blue", zorder=3)
+    ax.scatter(*ends[~at_goal].T, s=25, marker="x", color="black", zorder=3, label="ended at no goal")
+    ax.scatter([0], [0], marker="*", s=120, color="gold", edgecolor="black", zorder=4, label="start")
+    ax.set_xlim(-box, box)
+    ax.set_ylim(-box, box)
+    ax.set_aspect("equal")
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    ax.set_title(title)
+    ax.legend(loc="lower left", fontsize=7)
+    return ax, contours
 
 
 # ---- quick training for the notebooks -------------------------------------------------------------------------
