@@ -23,6 +23,8 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 from torch.nn.parallel import DistributedDataParallel
 
+from dime_lightning.compat import add_ddp_kwargs
+
 DDP_NAMES = ("ddp", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false")
 # torch >= 2.13 names the per-forward buffer broadcast `forward_sync_buffers`; older versions `broadcast_buffers`
 _DDP_ARGS = inspect.signature(DistributedDataParallel).parameters
@@ -37,7 +39,7 @@ def resolve_strategy(strategy: str | Strategy | None) -> str | Strategy | None:
     message; single-process strategies pass through.
     """
     if isinstance(strategy, DDPStrategy):
-        strategy._ddp_kwargs.update(DDP_KWARGS)  # a configured DDPStrategy keeps its other settings
+        add_ddp_kwargs(strategy, DDP_KWARGS)  # a configured DDPStrategy keeps its other settings
         return strategy
     if isinstance(strategy, Strategy) and not isinstance(strategy, SingleDeviceStrategy):
         raise ValueError(f"trainer.strategy {type(strategy).__name__} is not supported: use 'auto' or 'ddp'")

@@ -30,6 +30,7 @@ from dime_lightning.checkpointing import (
     read_checkpoint,
     resolve_checkpoint,
 )
+from dime_lightning.compat import datamodule_checkpoint_key
 from dime_lightning.data import ReplayDataModule
 from dime_lightning.distributed import resolve_strategy
 from dime_lightning.errors import NonFiniteError
@@ -43,6 +44,7 @@ from dime_lightning.tracking import (
     validate_tracking_uri,
 )
 from dime_lightning.tracking_queue import PENDING_GLOB, replay
+from dime_lightning.video import choose_gl_backend
 
 TRAINER_DEFAULTS = {
     "max_epochs": 1,  # one pass over the env-step iterable = data.total_env_steps
@@ -131,12 +133,21 @@ class DIMECLI(LightningCLI):
             help="resume: 'last' (newest last.ckpt), a checkpoint file, or an MLflow run id",
         )
 
+    def _section(self, config: Any, key: str, default: Any = None) -> Any:
+        """``config[key]``, inside the subcommand's part of the config when the CLI runs one."""
+        return config.get(str(self.subcommand), config).get(key, default)
+
+    def before_instantiate_classes(self) -> None:
+        if self._section(self.config, "eval").video:  # MUJOCO_GL before an env's build imports dm_control
+            choose_gl_backend()
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        settings: MLflowSettings = self._get(self.config_init, "mlflow")
+        settings: MLflowSettings = self._section(self.config_init, "mlflow")
         data: ReplayDataModule = self.datamodule
-        checkpointer: EnvStepCheckpoint = self._get(self.config_init, "checkpoint")
-        callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
-        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        self._section(self.config_init, "eval").check_video(data.hparams.env_id)  # renderer and codec, or exit 2
+        checkpointer: EnvStepCheckpoint = self._section(self.config_init, "checkpoint")
+        callbacks = []  # DIME's own; Lightning adds trainer.callbacks and the eval, monitor and checkpoint groups
+        config = {**self._section(self.config_init, "trainer", default={}), **kwargs}
         uri = settings.resolved_uri()
         if settings.enabled:
             validate_tracking_uri(uri)
@@ -149,7 +160,7 @@ class DIMECLI(LightningCLI):
                              "(16-mixed's gradient scaler misbehaves with several optimizers stepped by hand; "
                              "the *-true modes would run the diffusion chain and the entropy bound in low precision)")
         run_id, self.resume_path, saved_ranks = None, None, 0
-        ckpt_path = self._get(self.config, "ckpt_path")
+        ckpt_path = self._section(self.config, "ckpt_path")
         resolved = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))
         resolved["mlflow"]["tracking_uri"] = uri
         if ckpt_path:
@@ -160,7 +171,7 @@ class DIMECLI(LightningCLI):
             check_compatible(checkpoint, found.path, data.obs_dim, data.action_dim)
             check_buffer_beside(checkpoint, found.path)
             run_id = checkpoint.get("mlflow", {}).get("run_id")
-            saved_ranks = len(checkpoint.get(type(data).__qualname__, {}).get("ranks", []))
+            saved_ranks = len(checkpoint.get(datamodule_checkpoint_key(data), {}).get("ranks", []))
             checkpointer.dirpath = checkpointer.dirpath or found.dirpath  # keep writing beside it
             del checkpoint
         callbacks.append(ConfigInCheckpoint(resolved))
@@ -170,7 +181,9 @@ class DIMECLI(LightningCLI):
         config["logger"] = False  # attached after the checks below: the Trainer must not open the store before
         if config.get("enable_progress_bar", True) is not False:
             callbacks.append(EnvStepProgressBar(refresh_rate=config.pop("progress_refresh_rate", 10)))
-        trainer = self._instantiate_trainer(config, callbacks)
+        user_callbacks = config.get("callbacks") or []
+        config["callbacks"] = [*(user_callbacks if isinstance(user_callbacks, list) else [user_callbacks]), *callbacks]
+        trainer = super().instantiate_trainer(**config)
         if trainer.world_size > 1:  # e.g. devices: 2 with strategy auto also makes a DDPStrategy: configure it too
             resolve_strategy(trainer.strategy)
         if saved_ranks and saved_ranks != trainer.world_size:  # each rank resumes its own buffer and RNG state

@@ -19,6 +19,7 @@ from tensordict import TensorDict
 from torch import nn
 
 from dime_lightning.actor import DiffusionActor
+from dime_lightning.compat import lightning_logs_this_step, reopen_finished_fit
 from dime_lightning.critic import DistributionalCritic
 from dime_lightning.data import StepBatch
 from dime_lightning.distributed import all_ranks_true, average_running_statistics_, is_distributed, max_over_ranks
@@ -190,8 +191,7 @@ class DIMEModule(pl.LightningModule):
     def _logging_step(self) -> bool:
         """Whether Lightning writes logs after this batch (every trainer.log_every_n_steps): the metrics dict is
         only built then, since `self.log` costs ~0.3 ms per metric per call on a CPU."""
-        connector = getattr(self.trainer, "_logger_connector", None)  # private: Lightning's own logging cadence
-        return connector is None or connector.should_update_logs
+        return lightning_logs_this_step(self.trainer)
 
     def _stop_if_collection_failed(self, error: Exception | None) -> None:
         """DDP: if any rank's collection failed, raise on every rank (one all-reduce per env step); a rank that
@@ -228,12 +228,7 @@ class DIMEModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Training length is data.total_env_steps, not Lightning epochs: forget that the one "epoch" of a
         # finished run was complete, so that resuming its final checkpoint with a larger total trains on.
-        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
-        for progress in fit_loop.get("epoch_progress", {}).values():
-            if isinstance(progress, dict):
-                progress.update({key: 0 for key in progress})
-        if "epoch_loop.batch_progress" in fit_loop:
-            fit_loop["epoch_loop.batch_progress"]["is_last_batch"] = False
+        reopen_finished_fit(checkpoint)
         counters = checkpoint["dime_counters"]
         self.env_steps = self._checked_at = counters["env_steps"]
         self.updater.load_counters(counters)

@@ -97,27 +97,35 @@ class DIMEMLFlowLogger(MLFlowLogger):
         self.pending_file: Path | None = None
         self._finalized = False
         self._flush_timeout = flush_timeout
-        self._logged_until: dict[str, int] | None = None if kwargs.get("run_id") is None else {}
-        # MLFlowLogger keeps its client in the private attribute `_mlflow_client` and writes through it
-        # (log_batch for metrics and params): wrapping it there queues Lightning's writes as well as ours.
-        self._mlflow_client = QueuedClient(self._mlflow_client, kwargs.get("tracking_uri") or "",
-                                           spill_dir or (lambda: None), max_pending=max_pending,
-                                           flush_timeout=flush_timeout)
+        self._resume_run_id: str | None = kwargs.get("run_id")
+        self._logged_until: dict[str, int] = {}
+        self._queue_args = (kwargs.get("tracking_uri") or "", spill_dir or (lambda: None), max_pending)
+        self._queue: QueuedClient | None = None  # made when the run is opened
 
     @property
     def experiment(self):
+        """Lightning's ``MlflowClient`` (the run opened by the first access) behind a ``QueuedClient``: every write,
+        Lightning's own (``log_batch`` for metrics and params) and ours, goes through the queue."""
         client = super().experiment
-        if self._logged_until == {} and self._run_id is not None and rank_zero_only.rank == 0:
-            self._logged_until = self._last_steps(client)
-            client.update_run(self._run_id, status="RUNNING")
-        return client
+        if rank_zero_only.rank != 0:  # Lightning's stand-in on the other ranks
+            return client
+        if self._queue is None:
+            uri, spill_dir, max_pending = self._queue_args
+            self._queue = QueuedClient(client, uri, spill_dir, max_pending=max_pending,
+                                       flush_timeout=self._flush_timeout)
+            if self._resume_run_id is not None:
+                self._logged_until = self._last_steps(client, self._resume_run_id)
+                self._queue.update_run(self._resume_run_id, status="RUNNING")
+        return self._queue
 
-    def _last_steps(self, client) -> dict[str, int]:
-        keys = client.get_run(self._run_id).data.metrics.keys()
-        return {key: max((m.step for m in client.get_metric_history(self._run_id, key)), default=-1) for key in keys}
+    @staticmethod
+    def _last_steps(client, run_id: str) -> dict[str, int]:
+        keys = client.get_run(run_id).data.metrics.keys()
+        return {key: max((m.step for m in client.get_metric_history(run_id, key)), default=-1) for key in keys}
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        _ = self.experiment  # a resumed run reads its last logged steps when it is opened
         if self._logged_until and step is not None:
             metrics = {k: v for k, v in metrics.items() if step > self._logged_until.get(k, -1)}
             if not metrics:
@@ -127,15 +135,15 @@ class DIMEMLFlowLogger(MLFlowLogger):
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
         """Queue the run's final status, then deliver everything (or keep the rest on disk, see ``close``)."""
-        if self._finalized or not self._initialized:  # `_initialized` (private): whether a run was opened
+        if self._finalized or self._queue is None:  # no run was opened: nothing to finish
             return
         self._finalized = True
         status = self.final_status or {"success": "FINISHED", "failed": "FAILED", "finished": "FINISHED"}.get(
             status, status)
-        self._mlflow_client.set_terminated(self.run_id, status)
+        self._queue.set_terminated(self.run_id, status)
         # a stopped run (SIGTERM: a scheduler's grace period) waits at most 10 s before keeping records on disk
         timeout = min(self._flush_timeout, 10.0) if status == "KILLED" else self._flush_timeout
-        self.pending_file = self._mlflow_client.close(timeout)
+        self.pending_file = self._queue.close(timeout)
 
 
 class MLflowRunInfo(Callback):

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from lightning.pytorch.strategies import DDPStrategy
 
+from dime_lightning.compat import ddp_kwargs
 from dime_lightning.critic import DistributionalCritic
 from dime_lightning.distributed import (
     DDP_KWARGS,
@@ -73,10 +74,10 @@ def test_single_process_helpers_are_plain():
 def test_strategy_resolution():
     strategy = resolve_strategy("ddp")
     assert isinstance(strategy, DDPStrategy)
-    assert strategy._ddp_kwargs["find_unused_parameters"] is True
-    assert strategy._ddp_kwargs == DDP_KWARGS and False in DDP_KWARGS.values()  # no per-forward buffer broadcast
-    configured = resolve_strategy(DDPStrategy(timeout=None))
-    assert configured._ddp_kwargs["find_unused_parameters"] is True
+    assert ddp_kwargs(strategy)["find_unused_parameters"] is True
+    assert ddp_kwargs(strategy) == DDP_KWARGS and False in DDP_KWARGS.values()  # no per-forward buffer broadcast
+    configured = resolve_strategy(DDPStrategy(timeout=None, gradient_as_bucket_view=True))
+    assert ddp_kwargs(configured) == {**DDP_KWARGS, "gradient_as_bucket_view": True}  # its own settings kept
     assert resolve_strategy("auto") == "auto" and resolve_strategy(None) is None
     with pytest.raises(ValueError, match="'ddp_spawn' is not supported"):
         resolve_strategy("ddp_spawn")
@@ -89,4 +90,4 @@ def test_several_devices_with_strategy_auto_get_the_ddp_settings(tmp_path, monke
     cli = build_cli(["--config", str(CONF / "pendulum.yaml"), "--config", str(CONF / "smoke.yaml"),
                      "--trainer.devices", "2", "--mlflow.enabled", "false"])
     assert isinstance(cli.trainer.strategy, DDPStrategy) and cli.trainer.world_size == 2
-    assert cli.trainer.strategy._ddp_kwargs == DDP_KWARGS
+    assert ddp_kwargs(cli.trainer.strategy) == DDP_KWARGS

@@ -1,0 +1,97 @@
+"""Every private part of Lightning that dime_lightning relies on, in one place.
+
+Lightning offers no public API for these four; each access below checks what it reads and raises
+``LibraryChangedError`` (naming the attribute and the installed version) when it is gone or has another
+shape, and ``tests/test_compat.py`` runs each one against the installed Lightning and checks its *meaning*
+(the cadence, the resume, the checkpoint key, the DDP arguments), so that an upgrade fails a test, not a run.
+
+- ``lightning_logs_this_step``: ``Trainer._logger_connector.should_update_logs`` — whether Lightning writes
+  the metrics logged in this batch (``trainer.log_every_n_steps`` counted in Lightning's own batch counter).
+- ``reopen_finished_fit``: the fit-loop progress inside a checkpoint (``checkpoint["loops"]["fit_loop"]``),
+  rewritten so that resuming a finished run with a larger ``data.total_env_steps`` trains on.
+- ``datamodule_checkpoint_key``: the key of the data module's state in a checkpoint (its class's
+  ``__qualname__``, as Lightning's checkpoint connector writes and reads it).
+- ``add_ddp_kwargs``: ``DDPStrategy._ddp_kwargs``, the arguments a strategy that already exists passes to
+  ``DistributedDataParallel`` (a new one takes them publicly as constructor keywords).
+
+Everything else (LightningCLI, MLFlowLogger, TorchRL, tensordict) is used through public APIs only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from importlib import metadata
+from typing import Any
+
+PROGRESS_COUNTERS = ("ready", "started", "processed", "completed")
+
+
+class LibraryChangedError(RuntimeError):
+    """A private part of a library that dime_lightning relies on is gone or has changed."""
+
+
+def _changed(attribute: str, meaning: str, library: str = "lightning") -> LibraryChangedError:
+    return LibraryChangedError(
+        f"{library} {metadata.version(library)}: {attribute} ({meaning}) is gone or has changed; dime_lightning "
+        f"relies on it (dime_lightning/compat.py) and supports the {library} versions pinned in setup.py"
+    )
+
+
+def lightning_logs_this_step(trainer: Any) -> bool:
+    """Whether Lightning writes the metrics logged in the current training batch (every
+    ``trainer.log_every_n_steps`` batches, and when the trainer stops). Private:
+    ``trainer._logger_connector.should_update_logs``."""
+    connector = getattr(trainer, "_logger_connector", None)
+    value = getattr(connector, "should_update_logs", None)
+    if not isinstance(value, bool):
+        raise _changed("Trainer._logger_connector.should_update_logs", "whether logs are written after this batch")
+    return value
+
+
+def reopen_finished_fit(checkpoint: dict[str, Any]) -> None:
+    """Rewrite a checkpoint's fit-loop progress (in place, before Lightning restores it) so that the loop does
+    not count its epoch as complete: DIME's training length is ``data.total_env_steps``, not epochs, and
+    Lightning would otherwise end a resumed fit of a finished run's final checkpoint at once. A checkpoint
+    without loop state (weights only) has nothing to reopen."""
+    loops = checkpoint.get("loops")
+    if loops is None:
+        return
+    where = 'checkpoint["loops"]["fit_loop"]'
+    try:
+        fit_loop = loops["fit_loop"]
+        trackers = [fit_loop["epoch_progress"][part] for part in ("total", "current")]
+        batch_progress = fit_loop["epoch_loop.batch_progress"]
+        has_last_batch = isinstance(batch_progress["is_last_batch"], bool)
+    except (KeyError, TypeError) as error:
+        raise _changed(f"{where}: epoch_progress.total/current, epoch_loop.batch_progress.is_last_batch",
+                       f"the fit loop's progress; missing {error}") from None
+    if not has_last_batch or not all(_is_counter_dict(tracker) for tracker in trackers):
+        raise _changed(f"{where}.epoch_progress / epoch_loop.batch_progress",
+                       f"epoch counters {', '.join(PROGRESS_COUNTERS)} and a boolean is_last_batch")
+    for tracker in trackers:
+        tracker.update(dict.fromkeys(tracker, 0))
+    batch_progress["is_last_batch"] = False
+
+
+def _is_counter_dict(tracker: Any) -> bool:
+    return (isinstance(tracker, Mapping) and set(tracker) == set(PROGRESS_COUNTERS)
+            and all(isinstance(value, int) for value in tracker.values()))
+
+
+def datamodule_checkpoint_key(datamodule: Any) -> str:
+    """The key under which Lightning stores (and looks up) a data module's ``state_dict`` in a checkpoint."""
+    return type(datamodule).__qualname__
+
+
+def add_ddp_kwargs(strategy: Any, kwargs: Mapping[str, Any]) -> None:
+    """Add ``kwargs`` to the arguments ``strategy`` (a ``DDPStrategy``) passes to ``DistributedDataParallel``,
+    keeping its others. Private: ``DDPStrategy._ddp_kwargs``."""
+    ddp_kwargs(strategy).update(kwargs)
+
+
+def ddp_kwargs(strategy: Any) -> dict[str, Any]:
+    """The (live) dict of arguments a ``DDPStrategy`` passes to ``DistributedDataParallel``."""
+    current = getattr(strategy, "_ddp_kwargs", None)
+    if not isinstance(current, dict):
+        raise _changed("DDPStrategy._ddp_kwargs", "the keyword arguments passed to DistributedDataParallel")
+    return current
