@@ -9,8 +9,9 @@ plus ``conf/gaussian.yaml`` for the Gaussian; the temperature is switched to ``m
 left on auto), with ``OMP_NUM_THREADS=1`` under ``nice -n 5``, at most ``--jobs`` at a time. Then ``--episodes``
 stochastic rollouts from the start distribution N(0, 0.1² I) (around the origin) are run with the trained actor
 and each rollout's end is assigned to the goal within 1 of it (the task's termination radius), or to none.
-Results go to ``--results`` (JSON), rewritten after every run; finished runs found there are skipped, so an
-interrupted sweep resumes where it stopped.
+Results go to ``--results`` (JSON), rewritten after every run; finished runs found there are skipped, and a
+run whose ``final.ckpt`` holds all its env steps is only evaluated, so an interrupted sweep resumes where it
+stopped (an interrupted run starts over).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -55,6 +57,14 @@ def final_alpha(checkpoint: Path) -> float:
     return float(read_checkpoint(checkpoint)["state_dict"]["temperature.log_alpha"].exp())
 
 
+def finished(checkpoint: Path, steps: int) -> bool:
+    """Whether ``checkpoint`` exists and holds a run trained to ``steps`` env steps (a run stopped early by
+    SIGTERM leaves a checkpoint too)."""
+    from dime_lightning.checkpointing import read_checkpoint
+
+    return checkpoint.exists() and read_checkpoint(checkpoint)["dime_counters"]["env_steps"] >= steps
+
+
 def evaluate(checkpoint: Path, episodes: int, seed: int) -> dict:
     import numpy as np
     import torch
@@ -71,10 +81,11 @@ def evaluate(checkpoint: Path, episodes: int, seed: int) -> dict:
 
 def run_one(policy: str, alpha: str, seed: int, args: argparse.Namespace) -> dict:
     dirpath = Path(args.workdir).resolve() / run_name(policy, alpha, seed)
-    dirpath.mkdir(parents=True, exist_ok=True)
     checkpoint = dirpath / "final.ckpt"
     started = time.perf_counter()
-    if not checkpoint.exists():
+    if not finished(checkpoint, args.steps):
+        shutil.rmtree(dirpath, ignore_errors=True)  # a fresh run, never a resume of an interrupted one
+        dirpath.mkdir(parents=True)
         with open(dirpath / "train.log", "w") as log:
             result = subprocess.run(fit_command(policy, alpha, seed, args, dirpath), cwd=dirpath, stdout=log,
                                     stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
