@@ -5,6 +5,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
+VIDEO = ["imageio>=2.34", "imageio-ffmpeg>=0.5"]
 
 setup(
     name="dime-lightning",
@@ -41,7 +42,12 @@ setup(
         "pandas>=2.2,<3",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.6", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        # jupyterlab: `jupyter lab notebooks/` (it brings nbconvert); nbclient/ipykernel run the notebooks in tests.
+        # The video packages are in dev too, so that the README's install runs tests/test_video.py.
+        "dev": ["pytest>=8", "ruff>=0.6", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+                "jupyterlab>=4.6,<5", "nbconvert>=7.16", *VIDEO],
+        # eval.video: H.264 MP4 through imageio's FFmpeg plugin (imageio-ffmpeg ships the ffmpeg binary)
+        "video": VIDEO,
         # dm_control 1.0.50 is the version tested with mujoco 3.17 (the newest MuJoCo below 4, see above).
         "dmc": ["dm_control>=1.0.50,<1.1"],
     },

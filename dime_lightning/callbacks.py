@@ -1,8 +1,10 @@
 """Callbacks of the fit loop, all keyed on env steps (never Lightning's ``global_step``).
 
-- ``Evaluation``: stochastic-policy episodes on a separate env every ``every_env_steps`` (rank 0).
-- ``TrainingMonitor``: training-episode returns, throughput (``time/*``), and a check that logged losses
-  are finite.
+- ``Evaluation``: stochastic-policy episodes on a separate env every ``every_env_steps`` (rank 0), and with
+  ``video`` an MP4 of one of them every ``video_every`` evaluations (``video.py``), logged to MLflow.
+- ``TrainingMonitor``: training-episode returns and throughput (``time/*``). It checks nothing: non-finite
+  losses are caught by the update itself (``update.py``, ``model.check_finite`` / ``model.nonfinite``) and
+  non-finite observations or rewards by the data module (``data.py``), both as ``NonFiniteError`` (exit 3).
 - ``EnvStepProgressBar``: env steps out of the total, episode and eval returns, env steps per second.
 
 Checkpoints are in ``checkpointing.py``, MLflow run bookkeeping in ``tracking.py``.
@@ -12,15 +14,20 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from tensordict.nn import TensorDictModule
 
+from dime_lightning.checkpointing import EnvStepCheckpoint
 from dime_lightning.data import EVAL_SEED_OFFSET
 from dime_lightning.envs import make_env
+from dime_lightning.video import EpisodeRecorder, check_video, records_video, video_name
 
 
 def _log(trainer: pl.Trainer, metrics: dict[str, float], env_steps: int) -> None:
@@ -32,16 +39,53 @@ def _log(trainer: pl.Trainer, metrics: dict[str, float], env_steps: int) -> None
 
 class Evaluation(Callback):
     """Every ``every_env_steps`` env steps and at the end: ``episodes`` episodes with stochastic actions (the
-    reference evaluates stochastic samples) on an env that is not the training env. Rank 0 only."""
+    reference evaluates stochastic samples) on an env that is not the training env. Rank 0 only.
 
-    def __init__(self, every_env_steps: int = 5_000, episodes: int = 5, max_episode_steps: int = 100_000) -> None:
+    With ``video``, the first episode of some evaluations is rendered off-screen into an H.264 MP4
+    ``<checkpoint.dirpath>/videos/env_step_<env steps, 9 digits>.mp4``, logged as the MLflow artifact
+    ``videos/env_step_….mp4`` the way checkpoints are (queued: training never waits for the store). Rendering
+    does not change the episode, so the returns are those of a run without video. Only MuJoCo envs render
+    (Gymnasium MuJoCo and ``dm_control/…``); other envs, a missing GL renderer or a missing codec are refused
+    at start-up (``video.py``).
+
+    Args:
+        every_env_steps: evaluate every this many env steps, env steps, >= 1. Default 5000.
+        episodes: episodes per evaluation, >= 1. Default 5.
+        max_episode_steps: cap on the length of an evaluation episode, env steps, >= 1 (the env's own time
+            limit applies first). Default 100000.
+        video: record evaluation videos (MP4, headless; needs imageio-ffmpeg and EGL or OSMesa, picked through
+            ``MUJOCO_GL``). Default false.
+        video_every: record a video at every ``video_every``-th evaluation (counted in env steps, n =
+            env steps // every_env_steps), and always at the evaluation that ends training, evaluations, >= 1.
+            Default 10.
+    """
+
+    def __init__(self, every_env_steps: int = 5_000, episodes: int = 5, max_episode_steps: int = 100_000,
+                 video: bool = False, video_every: int = 10) -> None:
         if every_env_steps < 1 or episodes < 1:
             raise ValueError(f"eval.every_env_steps and eval.episodes must be >= 1, got {every_env_steps}, {episodes}")
+        if max_episode_steps < 1:
+            raise ValueError(f"eval.max_episode_steps must be >= 1, got {max_episode_steps}")
+        if video_every < 1:
+            raise ValueError(f"eval.video_every must be >= 1 (evaluations), got {video_every}")
         self.every_env_steps = every_env_steps
         self.episodes = episodes
         self.max_episode_steps = max_episode_steps
+        self.video = video
+        self.video_every = video_every
         self._env = None
         self._last_eval_step = 0
+        self._video_checked_for: str | None = None
+
+    def check_video(self, env_id: str) -> None:
+        """With ``video`` on: fail now (``VideoError``, a ValueError) if ``env_id`` cannot be recorded here."""
+        if self.video and self._video_checked_for != env_id:
+            check_video(env_id)
+            self._video_checked_for = env_id
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.global_rank == 0:  # the CLI has checked already; this covers a Trainer built by hand
+            self.check_video(trainer.datamodule.hparams.env_id)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_eval_step = pl_module.env_steps  # a resumed run does not re-evaluate at once
@@ -52,32 +96,65 @@ class Evaluation(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if pl_module.env_steps > self._last_eval_step:
-            self.evaluate(trainer, pl_module)
+            self.evaluate(trainer, pl_module, final=True)
         if self._env is not None:
             self._env.close()
             self._env = None
 
-    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last_eval_step = pl_module.env_steps
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False) -> None:
+        self._last_eval_step = steps = pl_module.env_steps
         if trainer.global_rank != 0:
             return
         data = trainer.datamodule
         if self._env is None:
             self._env = make_env(data.hparams.env_id, seed=data.hparams.seed + EVAL_SEED_OFFSET)
+        recorder = None
+        final = final or steps >= data.hparams.total_env_steps  # the periodic evaluation may be the last one
+        if self.video and records_video(steps, self.every_env_steps, self.video_every, final):
+            recorder = EpisodeRecorder(self._env, data.hparams.env_id, _video_dir(trainer) / video_name(steps))
         actor = pl_module.actor
         device = pl_module.device
-        policy = TensorDictModule(lambda obs: actor.act(obs.to(device)).cpu(), ["observation"], ["action"])
+
+        def act(obs: torch.Tensor) -> torch.Tensor:
+            if recorder is not None:
+                recorder.capture()  # the state the action is taken in
+            return actor.act(obs.to(device)).cpu()
+
+        policy = TensorDictModule(act, ["observation"], ["action"])
         returns, lengths = [], []
         started = time.perf_counter()
         for _ in range(self.episodes):
             rollout = self._env.rollout(self.max_episode_steps, policy, break_when_any_done=True)
             returns.append(float(rollout["next", "reward"].sum()))
             lengths.append(rollout.shape[0])
+            if recorder is not None:
+                recorder.capture()  # the last state
+                _publish(trainer, recorder, steps)
+                recorder = None  # one episode per video
         mean = sum(returns) / len(returns)
         std = math.sqrt(sum((r - mean) ** 2 for r in returns) / len(returns))
         _log(trainer, {"eval/return_mean": mean, "eval/return_std": std,
                        "eval/episode_length": sum(lengths) / len(lengths),
-                       "time/eval_seconds": time.perf_counter() - started}, pl_module.env_steps)
+                       "time/eval_seconds": time.perf_counter() - started}, steps)
+
+
+def _video_dir(trainer: pl.Trainer) -> Path:
+    """``videos/`` in the checkpoint folder of the run (so beside its MLflow spill file), else ./videos."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, EnvStepCheckpoint) and callback.dirpath is not None:
+            return Path(callback.dirpath) / "videos"
+    return Path("videos")
+
+
+def _publish(trainer: pl.Trainer, recorder: EpisodeRecorder, env_steps: int) -> None:
+    """Finish the file and queue it as an MLflow artifact (as checkpoints are); a lost video only warns."""
+    path = recorder.close()
+    if path is None:
+        rank_zero_warn(f"eval.video: no video at env step {env_steps} ({recorder.error}); training goes on")
+        return
+    logger = trainer.logger
+    if isinstance(logger, MLFlowLogger):
+        logger.experiment.log_artifact(logger.run_id, str(path), "videos")
 
 
 class TrainingMonitor(Callback):
