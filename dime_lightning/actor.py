@@ -224,11 +224,19 @@ class DiffusionActor(nn.Module):
 
     @control.setter
     def control(self, fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-        if isinstance(fn, nn.Module):
+        if isinstance(fn, nn.Module):  # a child module: its parameters train and are checkpointed with the actor
             self.control_net = fn
             self.__dict__.pop("_control_override", None)
         else:  # any callable, e.g. u = −k·x + b in the Gaussian-case tests
             self.__dict__["_control_override"] = fn
+
+    @property
+    def precomputes_context(self) -> bool:
+        """Whether the sampler takes the built-in network's fast path (the state and time parts of its first
+        layer once per chain, ``ControlNetwork.context``): a ``ControlNetwork`` whose ``forward`` is its own.
+        Any other control is called as ``control(x, obs, step_index)`` at every step."""
+        control = self.control
+        return isinstance(control, ControlNetwork) and type(control).forward is ControlNetwork.forward
 
     @torch.no_grad()
     def diagnostics(self) -> dict[str, torch.Tensor]:
@@ -260,11 +268,12 @@ class DiffusionActor(nn.Module):
         chain = [x]
         control = self.control
         steps = self.step_indices.to(dtype)
-        if control is self.control_net:  # the network: state and time parts of layer 1 once per chain
+        fast = self.precomputes_context
+        if fast:  # the built-in network: state and time parts of layer 1 once per chain
             context = control.context(obs, steps)  # (N, B, H)
         for n in range(self.num_steps):
             eta_n = eta[n]
-            u = control.step(x, context[n]) if control is self.control_net else control(x, obs, steps[n])
+            u = control.step(x, context[n]) if fast else control(x, obs, steps[n])
             u = u.to(dtype)  # under autocast the network computes in bf16; the chain and its costs stay float32
             x_next = x + eta_n * (u - x * inv_var0) + torch.sqrt(2.0 * eta_n) * noise[n + 1]
             backward_mean = x_next * (1.0 - eta_n * inv_var0)

@@ -1,8 +1,9 @@
 """DIME's three losses as pure functions (docs/algorithm.md §1.7, §2.2, §3).
 
 Each public ``*_loss`` returns a TensorDict (batch_size []) holding its named loss (``loss_critic``,
-``loss_actor``, ``loss_alpha``) with gradient, plus detached diagnostics. Nothing here steps an optimizer,
-logs, or reads a tensor back to the host, so the update can be compiled and captured as a CUDA graph.
+``loss_actor``, ``loss_alpha``) with gradient, plus detached diagnostics, each name used by one loss only
+(the update merges them into one dict of logged metrics). Nothing here steps an optimizer, logs, or reads a
+tensor back to the host, so the update can be compiled and captured as a CUDA graph.
 
 Batches follow TorchRL's layout: ``observation``, ``action`` and ``("next", "observation" | "reward" |
 "terminated")``; ``terminated`` excludes time-limit truncation, so the target bootstraps through it.
@@ -111,7 +112,7 @@ def actor_loss(
     loss = (-q + alpha * out.log_prob).mean()
     return TensorDict(
         loss_actor=loss,
-        q_mean=q.detach().mean(),
+        policy_q_mean=q.detach().mean(),  # Q of fresh actions; critic_loss's q_mean is Q of the replayed ones
         log_prob=out.log_prob.detach().mean(),
         running_cost=out.running_cost.detach().mean(),
         terminal_cost=out.terminal_cost.detach().mean(),

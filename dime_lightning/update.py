@@ -238,7 +238,6 @@ class DIMEUpdate:
         metrics["loss_actor"] = loss.detach()
         if self.mode == "reduce-overhead":
             metrics = metrics.clone()
-        metrics["policy_q_mean"] = metrics.pop("q_mean")  # Q of fresh actions; "q_mean" is the critic's
         if diagnostics:
             metrics["grad_norm_actor"] = gradient_norm(self.actor.parameters())
         self._optimizer_step(self.actor_opt, loss, 1)

@@ -8,8 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from dime_lightning.actor import DiffusionActor, cosine_step_profile, tanh_log_det_jacobian
+from dime_lightning.actor import ControlNetwork, DiffusionActor, cosine_step_profile, tanh_log_det_jacobian
+from dime_lightning.critic import DistributionalCritic
+from dime_lightning.losses import actor_loss
+from dime_lightning.update import maybe_compile
 
 REFERENCE_PROFILE = [0.9998, 0.988, 0.9577, 0.9101, 0.847, 0.7708, 0.6844, 0.5911, 0.4943, 0.3977,
                      0.305, 0.2198, 0.1451, 0.0839, 0.0384, 0.0104]
@@ -258,3 +262,106 @@ def test_network_fast_path_equals_the_control_contract():
     assert torch.allclose(fast.action, slow.action, atol=1e-12)
     actor.control = net  # a module restores the network path
     assert actor.control is actor.control_net
+
+
+# the control contract: any callable control(x, obs, step_index) -> u, an nn.Module or not
+class AffineControl(nn.Module):
+    """u = x Aᵀ + obs Bᵀ + c·n: an nn.Module with the contract's signature and no ``context``."""
+
+    def __init__(self, obs_dim: int, action_dim: int) -> None:
+        super().__init__()
+        self.a = nn.Parameter(0.3 * torch.randn(action_dim, action_dim))
+        self.b = nn.Parameter(0.3 * torch.randn(action_dim, obs_dim))
+        self.c = nn.Parameter(torch.full((action_dim,), 0.05))
+
+    def forward(self, x: torch.Tensor, obs: torch.Tensor, step_index: torch.Tensor) -> torch.Tensor:
+        return x @ self.a.T + obs @ self.b.T + self.c * step_index
+
+
+def small_actor(obs_dim: int = 3, action_dim: int = 2) -> DiffusionActor:
+    return DiffusionActor(obs_dim, action_dim, num_steps=4, hidden_dim=16, num_layers=2, time_features=8,
+                          time_hidden_dim=8)
+
+
+def small_critic(obs_dim: int = 3, action_dim: int = 2) -> DistributionalCritic:
+    critic = DistributionalCritic(obs_dim, action_dim, hidden_dims=(16, 16), num_atoms=11, v_min=-5.0, v_max=5.0)
+    critic.eval()  # running statistics at their initial values: a fixed critic
+    return critic
+
+
+def test_an_nn_module_control_samples_and_trains_through_the_bound():
+    torch.manual_seed(10)
+    actor, control = small_actor(), AffineControl(3, 2)
+    actor.control = control
+    assert actor.control is control and not actor.precomputes_context
+    assert {id(p) for p in control.parameters()} <= {id(p) for p in actor.parameters()}  # trained with the actor
+    obs, noise = torch.randn(8, 3), torch.randn(5, 8, 2)
+    out = actor(obs, noise=noise)
+    assert out.action.shape == (8, 2) and torch.isfinite(out.log_prob).all()
+    assert actor.act(obs).shape == (8, 2) and actor.act(obs[0]).shape == (2,)
+    plain = small_actor()
+    plain.load_state_dict(actor.state_dict(), strict=False)
+    plain.control = lambda x, o, n: control(x, o, n)  # the same function as a plain callable
+    assert torch.equal(plain(obs, noise=noise).log_prob, out.log_prob)
+    out.log_prob.mean().backward()  # the entropy bound alone reaches the control's parameters
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in control.parameters())
+    actor.zero_grad()
+    actor_loss(actor, small_critic(), obs, torch.tensor(0.2))["loss_actor"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in control.parameters())
+
+
+def test_an_nn_module_control_under_torch_compile():
+    """The compiled paths of DIMEModule (compile_update: the actor loss; compile_act: acting) with a module
+    control: the same loss and gradients as eager."""
+    torch.manual_seed(11)
+    actor, critic = small_actor(), small_critic()
+    actor.control = AffineControl(3, 2)
+    obs, alpha = torch.randn(8, 3), torch.tensor(0.2)
+    losses, grads = {}, {}
+    for mode in ("none", "default"):
+        actor.zero_grad()
+        torch.manual_seed(12)
+        with torch._inductor.config.patch(fallback_random=True):  # compiled code draws from the eager stream
+            loss = maybe_compile(actor_loss, mode)(actor, critic, obs, alpha)["loss_actor"]
+        loss.backward()
+        losses[mode], grads[mode] = loss.detach(), [p.grad.clone() for p in actor.control.parameters()]
+    torch.testing.assert_close(losses["default"], losses["none"], rtol=1e-5, atol=1e-6)
+    for compiled, eager in zip(grads["default"], grads["none"], strict=True):
+        assert compiled.abs().sum() > 0
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+    torch.manual_seed(14)
+    expected = actor.act(obs)
+    torch.manual_seed(14)
+    with torch._inductor.config.patch(fallback_random=True):
+        acted = maybe_compile(actor.act, "default")(obs)
+    torch.testing.assert_close(acted, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_built_in_network_takes_the_fast_path_and_nothing_else_does():
+    torch.manual_seed(13)
+    actor, obs = small_actor(), torch.randn(4, 3)
+    net = actor.control_net
+    contexts, calls = [], []
+    net.context = lambda o, s: contexts.append(1) or ControlNetwork.context(net, o, s)
+    net.register_forward_pre_hook(lambda module, args: calls.append(1))
+    assert actor.precomputes_context
+    actor(obs)
+    assert (len(contexts), len(calls)) == (1, 0)  # the context once per chain, never the per-step forward
+    actor.control = lambda x, o, n: net(x, o, n)  # a plain function: called at every step
+    assert not actor.precomputes_context
+    actor(obs)
+    assert len(calls) == actor.num_steps
+
+    class OwnForward(ControlNetwork):  # a subclass with its own forward is called as the contract says
+        def forward(self, x, obs, step_index):
+            return torch.zeros_like(x)
+
+    actor.control = OwnForward(2, 3, hidden_dim=16, num_layers=2, time_features=8, time_hidden_dim=8)
+    assert not actor.precomputes_context
+    with torch.no_grad():
+        out = actor(obs, return_trajectory=True)
+    zero = small_actor()
+    zero.control = lambda x, o, n: torch.zeros_like(x)
+    noise = torch.randn(5, 4, 2)
+    torch.testing.assert_close(actor(obs, noise=noise).log_prob, zero(obs, noise=noise).log_prob)
+    assert out.trajectory.shape == (5, 4, 2)

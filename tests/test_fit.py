@@ -71,6 +71,8 @@ def test_pendulum_smoke_fit_through_the_real_cli(tmp_path):
     loss_steps = [m.step for m in client.get_metric_history(run_id, "train/loss_critic")]
     assert loss_steps and min(loss_steps) > 100 and max(loss_steps) <= 300  # after learning_starts, in env steps
     assert client.get_metric_history(run_id, "train/episode_return")
+    for key in ("train/q_mean", "train/policy_q_mean"):  # the critic's and the actor's Q, both logged
+        assert client.get_metric_history(run_id, key), key
     params = client.get_run(run_id).data.params
     assert params["data.env_id"] == "Pendulum-v1" and params["model.utd"] == "2" and "version.torch" in params
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {

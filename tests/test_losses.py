@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -491,19 +492,69 @@ def agent() -> tuple[DiffusionActor, DistributionalCritic, Temperature, TensorDi
     return actor, critic, temperature, batch
 
 
-def test_actor_loss_matches_manual_computation(agent) -> None:
+class TableCritic(nn.Module):
+    """Stand-in critic with Q values given per critic and state (C, B); records how it was queried."""
+
+    def __init__(self, q: torch.Tensor) -> None:
+        super().__init__()
+        self.q, self.queries, self.is_frozen = q, [], False
+
+    @contextlib.contextmanager
+    def frozen(self):
+        self.is_frozen = True
+        yield
+        self.is_frozen = False
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        self.queries.append((action, self.is_frozen))
+        return self.q.unsqueeze(-1)  # (C, B) -> (C, B, 1): one "atom" per critic and state
+
+    @staticmethod
+    def q_values(logits: torch.Tensor) -> torch.Tensor:
+        return logits.squeeze(-1)
+
+
+def test_actor_loss_on_hand_computed_values() -> None:
+    """L_π = mean_b[−mean_c Q_c(s_b, a_b) + α log π̂(a_b|s_b)] on numbers worked out by hand: Q per critic
+    [[1, 3], [2, 5]] → mean over critics [1.5, 4]; log π̂ = [1, −2]; α = 0.5:
+    L = mean(−1.5 + 0.5, −4 − 1) = −3 (the minimum over critics would give −2.25, a sum −6)."""
+    action = torch.tensor([[0.5, -0.2], [0.1, 0.3]])
+    log_prob = torch.tensor([1.0, -2.0], requires_grad=True)
+    sample = ActorOutput(action, log_prob, torch.tensor([0.5, -1.5]), torch.tensor([0.5, -0.5]), torch.atanh(action))
+    critic = TableCritic(torch.tensor([[1.0, 3.0], [2.0, 5.0]]))
+    out = actor_loss(lambda obs: sample, critic, torch.zeros(2, OBS_DIM), torch.tensor(0.5))
+    assert out["loss_actor"].item() == pytest.approx(-3.0)
+    assert out["policy_q_mean"].item() == pytest.approx(2.75)
+    assert out["log_prob"].item() == pytest.approx(-0.5)
+    assert out["running_cost"].item() == pytest.approx(-0.5) and out["terminal_cost"].item() == pytest.approx(0.0)
+    (queried, was_frozen), = critic.queries
+    assert queried is action and was_frozen  # the sampled action, under the frozen critic
+    out["loss_actor"].backward()
+    torch.testing.assert_close(log_prob.grad, torch.tensor([0.25, 0.25]))  # ∂L/∂log π̂_b = α / B
+
+
+def test_actor_loss_queries_the_critic_with_its_running_statistics(agent) -> None:
     actor, critic, _, batch = agent
-    alpha = torch.tensor(0.3)
     torch.manual_seed(7)
-    out = actor_loss(actor, critic, batch["observation"], alpha)
+    out = actor_loss(actor, critic, batch["observation"], torch.tensor(0.3))
     torch.manual_seed(7)
     sample = actor(batch["observation"])
     frozen = copy.deepcopy(critic).eval()
     q = frozen.q_values(frozen(batch["observation"], sample.action)).mean(0)
-    torch.testing.assert_close(out["loss_actor"], (-q + alpha * sample.log_prob).mean())
-    torch.testing.assert_close(out["running_cost"], sample.running_cost.mean())
-    torch.testing.assert_close(out["q_mean"], q.mean())
+    torch.testing.assert_close(out["policy_q_mean"], q.mean())
     assert critic.training  # the frozen context restored train mode
+
+
+def test_the_three_losses_name_their_diagnostics_apart(agent) -> None:
+    """The update merges the losses' outputs into one dict: a name used twice would drop one value."""
+    actor, critic, temperature, batch = agent
+    outputs = [critic_loss(critic, actor, batch, temperature.alpha(), GAMMA),
+               actor_loss(actor, critic, batch["observation"], temperature.alpha()),
+               temperature_loss(temperature, torch.tensor(1.0))]
+    names = [set(out.keys()) for out in outputs]
+    for i, j in [(0, 1), (0, 2), (1, 2)]:
+        assert not names[i] & names[j], names[i] & names[j]
+    assert "q_mean" in names[0] and "policy_q_mean" in names[1]
 
 
 def test_item12_actor_loss_reaches_actor_only(agent) -> None:

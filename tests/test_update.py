@@ -81,6 +81,19 @@ def test_schedule_phases_and_counters() -> None:
     assert updater.counters() == {"critic_updates": 12, "actor_updates": 4, "skipped_updates": 0}
 
 
+@pytest.mark.parametrize("mode", ["none", "whole"])
+def test_both_q_means_reach_the_env_steps_metrics(no_compile, mode) -> None:
+    """The critic's Q of replayed actions and the actor's Q of fresh ones: both in an actor-due env step's metrics,
+    neither overwriting the other (they share no name)."""
+    updater, out = run(mode, tiny_modules(), samples(2))
+    assert updater.counters()["actor_updates"] == 1  # env step 2 ran an actor update
+    metrics = out[1]
+    assert {"q_mean", "policy_q_mean", "target_q_mean", "loss_critic", "loss_actor", "loss_alpha"} <= set(
+        metrics.keys())
+    assert not torch.equal(metrics["q_mean"], metrics["policy_q_mean"])
+    assert "policy_q_mean" not in out[0].keys()  # no actor update in env step 1
+
+
 @pytest.fixture
 def eager_random_in_graphs():
     """Compiled graphs draw from the eager RNG stream (inductor's fallback_random), set through the config's own
