@@ -1,0 +1,44 @@
+"""DIMEMLFlowLogger through MLFlowLogger's public API: every write queued, nothing opened when nothing was logged,
+a resumed run continues without duplicate steps."""
+
+from __future__ import annotations
+
+import mlflow
+
+from dime_lightning.tracking import DIMEMLFlowLogger
+from dime_lightning.tracking_queue import QueuedClient
+
+
+def make(tmp_path, **kwargs) -> DIMEMLFlowLogger:
+    return DIMEMLFlowLogger(experiment_name="compat", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                            spill_dir=lambda: tmp_path, flush_timeout=30.0, **kwargs)
+
+
+def test_writes_go_through_the_queue_and_a_run_never_opened_is_not_created(tmp_path) -> None:
+    unused = make(tmp_path)
+    unused.finalize("success")  # nothing was logged: no run to open or to finish
+    logger = make(tmp_path)
+    assert isinstance(logger.experiment, QueuedClient)  # Lightning's log_metrics / log_hyperparams write here
+    logger.log_hyperparams({"a": 1})
+    logger.log_metrics({"loss": 0.5}, step=3)
+    logger.finalize("success")
+    assert logger.pending_file is None  # all delivered
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("compat").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params == {"a": "1"}
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(3, 0.5)]
+
+
+def test_a_resumed_run_drops_the_steps_it_already_has(tmp_path) -> None:
+    first = make(tmp_path)
+    for step in (1, 2, 3):
+        first.log_metrics({"loss": float(step)}, step=step)
+    first.finalize("failed")
+    resumed = make(tmp_path, run_id=first.run_id)
+    for step in (2, 3, 4):  # replayed after the checkpoint at step 1: 2 and 3 are in the run already
+        resumed.log_metrics({"loss": 10.0 * step}, step=step)
+    resumed.finalize("success")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    history = [(m.step, m.value) for m in client.get_metric_history(first.run_id, "loss")]
+    assert sorted(history) == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    assert client.get_run(first.run_id).info.status == "FINISHED"
