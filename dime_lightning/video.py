@@ -14,6 +14,7 @@ ffmpeg binary): H.264 in yuv420p with the index at the front (``+faststart``), w
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -195,11 +196,8 @@ class EpisodeRecorder:
             self._fail(err)
 
     def _close_writer(self) -> None:
-        try:
-            if self._writer is not None:
-                self._writer.close()
-        except Exception:  # closing a writer that already failed
-            pass
+        with contextlib.suppress(Exception):  # closing a writer that has already failed
+            self._writer.close()
 
     def close(self) -> Path | None:
         """Finish the file: its path, or None if nothing usable was recorded (see ``error``)."""
