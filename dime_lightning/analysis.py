@@ -188,13 +188,14 @@ def plot_pairwise_density(actions: np.ndarray, dims: tuple[int, int] = (0, 1), a
     crosses (e.g. the optimal actions)."""
     if ax is None:
         _, ax = plt.subplots(figsize=(4, 4))
-    ax.hexbin(actions[:, dims[0]], actions[:, dims[1]], gridsize=gridsize, extent=(-1, 1, -1, 1), mincnt=1,
-              cmap="viridis")
+    bins = ax.hexbin(actions[:, dims[0]], actions[:, dims[1]], gridsize=gridsize, extent=(-1, 1, -1, 1),
+                     mincnt=1, cmap="viridis")
+    ax.figure.colorbar(bins, ax=ax, shrink=0.8, label="samples per bin")
     ax.set_xlim(-1.05, 1.05)
     ax.set_ylim(-1.05, 1.05)
     if marks is not None:
-        ax.scatter(marks[:, 0], marks[:, 1], marker="x", c="red", s=60, label="optimal")
-        ax.legend(loc="upper right", fontsize=8)
+        ax.scatter(marks[:, 0], marks[:, 1], marker="x", c="red", s=90, linewidths=2.5)
+        title = f"{title} (red ×: optimal actions)" if title else "red ×: optimal actions"
     ax.set_xlabel(f"action[{dims[0]}]")
     ax.set_ylabel(f"action[{dims[1]}]")
     ax.set_aspect("equal")
@@ -226,12 +227,12 @@ def plot_chain(chain: np.ndarray, dims: tuple[int, int] = (0, 1), snapshots: int
 def plot_side_by_side(samples: dict[str, np.ndarray], dims: tuple[int, int] = (0, 1),
                       marks: np.ndarray | None = None, suptitle: str = ""):
     """Pairwise densities of several policies (e.g. {"DIME": …, "Gaussian": …}) in one figure."""
-    fig, axes = plt.subplots(1, len(samples), figsize=(4.2 * len(samples), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(samples), figsize=(5.2 * len(samples), 4.4), squeeze=False,
+                             layout="constrained")
     for ax, (label, actions) in zip(axes[0], samples.items(), strict=True):
         plot_pairwise_density(actions, dims, ax=ax, title=label, marks=marks)
     if suptitle:
         fig.suptitle(suptitle)
-    fig.tight_layout()
     return fig
 
 
@@ -245,8 +246,9 @@ def plot_point_rollouts(paths: np.ndarray, ax=None, title: str = "", goals: np.n
     xx, yy = np.meshgrid(grid, grid)
     cost = ((np.stack([xx, yy], -1)[..., None, :] - goals) ** 2).sum(-1).min(-1)  # (141, 141)
     contours = ax.contourf(xx, yy, cost, levels=np.arange(0, 55, 5), cmap="Greys", alpha=0.45)
-    for goal in goals:
-        ax.add_patch(plt.Circle(goal, radius, color="tab:red", alpha=0.35, lw=0))
+    for k, goal in enumerate(goals):
+        ax.add_patch(plt.Circle(goal, radius, facecolor=(0.84, 0.15, 0.16, 0.3), edgecolor="tab:red", lw=1.5,
+                                label=f"goal (reached within {radius:g})" if k == 0 else None))
     ends = final_positions(paths)
     at_goal = np.linalg.norm(ends[:, None] - goals, axis=-1).min(-1) <= radius
     for path in paths:
