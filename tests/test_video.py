@@ -38,7 +38,7 @@ def test_smoke_fit_logs_a_decodable_mp4_artifact_at_the_cadence(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     command = [sys.executable, "-m", "dime_lightning.fit", "--config", str(CONF / "hopper.yaml"),
                "--config", str(CONF / "smoke.yaml"), "--eval.video", "true", "--eval.video_every", "2",
-               "--data.total_env_steps", "450",
+               "--eval.every_env_steps", "100",
                "--mlflow.tracking_uri", uri, "--checkpoint.dirpath", str(tmp_path / "ckpt"),
                "--trainer.enable_progress_bar", "false"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=_child_env())
@@ -47,9 +47,9 @@ def test_smoke_fit_logs_a_decodable_mp4_artifact_at_the_cadence(tmp_path):
     runs = mlflow.search_runs(experiment_names=["Hopper-v5"])
     assert len(runs) == 1 and runs.status[0] == "FINISHED"
     run_id = runs.run_id[0]
-    # evaluations at 150, 300 and 450 env steps: video_every 2 records the 2nd, and the last one always records
+    # evaluations at 100, 200 and 300 env steps: video_every 2 records the 2nd, and the last one always records
     listed = [a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "videos")]
-    assert listed == ["videos/env_step_000000300.mp4", "videos/env_step_000000450.mp4"]
+    assert listed == ["videos/env_step_000000200.mp4", "videos/env_step_000000300.mp4"]
     local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=listed[-1], dst_path=str(tmp_path / "dl"))
     assert Path(local).stat().st_size > 0
     frames = _decode(local)
@@ -59,7 +59,7 @@ def test_smoke_fit_logs_a_decodable_mp4_artifact_at_the_cadence(tmp_path):
     assert len({frame.tobytes() for frame in frames}) > 1  # the hopper moves
     meta = imageio.get_reader(local, format="FFMPEG").get_meta_data()
     assert meta["codec"] == "h264" and meta["pix_fmt"].startswith("yuv420p")
-    assert (tmp_path / "ckpt" / "videos" / "env_step_000000450.mp4").is_file()  # kept beside the checkpoints
+    assert (tmp_path / "ckpt" / "videos" / "env_step_000000300.mp4").is_file()  # kept beside the checkpoints
 
 
 def _refused(tmp_path, capsys, *args: str) -> str:
