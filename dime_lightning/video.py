@@ -1,9 +1,9 @@
 """Evaluation videos: frames of one episode streamed into an H.264 MP4, and the start-up checks for it.
 
-Videos are made of MuJoCo scenes, rendered off-screen (no display needed): Gymnasium MuJoCo envs (e.g.
-``HalfCheetah-v5``, through the env's own ``mujoco_renderer``, 480×480 by default) and DeepMind Control Suite
-envs (``dm_control/<domain>-<task>``, ``physics.render`` of camera 0 at 480×480). Other envs (the toy tasks,
-``Pendulum-v1``, …) are refused at start-up with a message that says so.
+Videos are made of MuJoCo scenes, rendered off-screen (no display needed) at 480×480: Gymnasium MuJoCo envs
+(e.g. ``HalfCheetah-v5``, from the model's ``track`` camera, which follows the body, through Gymnasium's
+``OffScreenViewer``) and DeepMind Control Suite envs (``dm_control/<domain>-<task>``, ``physics.render`` of
+camera 0). Other envs (the toy tasks, ``Pendulum-v1``, …) are refused at start-up with a message that says so.
 
 The OpenGL backend comes from ``MUJOCO_GL``; when it is unset, ``choose_gl_backend`` tries ``egl``, then
 ``osmesa`` (each in a short child process, since a failed backend cannot be swapped out inside one process)
@@ -29,7 +29,7 @@ import numpy as np
 from dime_lightning.envs import DMC_PREFIX, make_env
 
 GL_BACKENDS = ("egl", "osmesa")
-FRAME_SIZE = 480  # pixels, height and width of DMC frames (Gymnasium MuJoCo envs use their own default, 480)
+FRAME_SIZE = 480  # pixels, height and width of every frame
 INSTALL_HINT = "pip install 'dime-lightning[video]' (imageio and imageio-ffmpeg)"
 _GL_PROBE = "import mujoco; c = mujoco.GLContext(16, 16); c.make_current(); c.free()"
 
@@ -81,18 +81,45 @@ def choose_gl_backend() -> str:
                      "GPU driver or Mesa) or OSMesa (libosmesa6), or set eval.video false")
 
 
-def frame_source(env: Any, env_id: str) -> Callable[[], np.ndarray]:
-    """A function that renders the current state of ``env`` (a ``make_env`` env) as an (H, W, 3) uint8 array."""
+class FrameSource:
+    """Renders the current state of an env as an (H, W, 3) uint8 array; ``close`` frees what it holds."""
+
+    def __init__(self, render: Callable[[], np.ndarray], close: Callable[[], None] = lambda: None) -> None:
+        self._render = render
+        self._close = close
+
+    def __call__(self) -> np.ndarray:
+        return self._render()
+
+    def close(self) -> None:
+        self._close()
+
+
+def frame_source(env: Any, env_id: str) -> FrameSource:
+    """The frames of ``env`` (a ``make_env`` env): DMC's camera 0, or for a Gymnasium MuJoCo env the model's
+    ``track`` camera (it follows the body; the free camera where a model has none), off-screen at 480×480."""
     base = env.base_env
     if env_id.startswith(DMC_PREFIX):
         physics = base.physics  # the dm_control env's, through TorchRL's wrapper
-        return lambda: physics.render(height=FRAME_SIZE, width=FRAME_SIZE, camera_id=0)
-    renderer = getattr(getattr(base, "unwrapped", None), "mujoco_renderer", None)
-    if renderer is None:
+        return FrameSource(lambda: physics.render(height=FRAME_SIZE, width=FRAME_SIZE, camera_id=0))
+    from gymnasium.envs.mujoco import MujocoEnv
+
+    unwrapped = getattr(base, "unwrapped", None)
+    if not isinstance(unwrapped, MujocoEnv):
         raise VideoError(f"eval.video: env id {env_id!r} has no MuJoCo scene to render; videos are made of "
                          "Gymnasium MuJoCo envs (e.g. 'HalfCheetah-v5') and 'dm_control/<domain>-<task>' envs. "
                          "Set eval.video false for this env")
-    return lambda: renderer.render("rgb_array")
+    import mujoco
+    from gymnasium.envs.mujoco.mujoco_rendering import OffScreenViewer
+
+    camera = mujoco.mj_name2id(unwrapped.model, mujoco.mjtObj.mjOBJ_CAMERA, "track")  # -1: none, the free camera
+    viewer = OffScreenViewer(unwrapped.model, unwrapped.data, FRAME_SIZE, FRAME_SIZE)  # its own GL context
+
+    def render() -> np.ndarray:
+        viewer.make_context_current()
+        return viewer.render("rgb_array", camera_id=camera)
+
+    return FrameSource(render, viewer.close)
 
 
 def frames_per_second(env: Any, env_id: str) -> float:
@@ -148,16 +175,21 @@ def check_video(env_id: str) -> None:
     choose_gl_backend()
     check_writer()
     env = make_env(env_id)
+    render = None
     try:
-        render = frame_source(env, env_id)
         try:
+            render = frame_source(env, env_id)
             frame = render()
+        except VideoError:
+            raise
         except Exception as err:  # GL and MuJoCo raise many types
             raise VideoError(f"eval.video: env id {env_id!r} cannot render a frame with "
                              f"MUJOCO_GL={os.environ.get('MUJOCO_GL', '(unset)')} ({type(err).__name__}: {err}); "
                              "try MUJOCO_GL=egl or MUJOCO_GL=osmesa, or set eval.video false") from err
         check_frame(frame, env_id)
     finally:
+        if render is not None:
+            render.close()
         env.close()
 
 
@@ -173,6 +205,8 @@ class EpisodeRecorder:
         self.frames = 0
         self.error: str | None = None
         self._tmp = self.path.with_name(f".{self.path.stem}.tmp.mp4")
+        self._render: FrameSource | None = None
+        self._writer: Any = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._render = frame_source(env, env_id)
@@ -183,7 +217,14 @@ class EpisodeRecorder:
 
     def _fail(self, err: Exception) -> None:
         self.error = f"{type(err).__name__}: {err}"
-        self._render = self._writer = None
+        self._writer = None
+        self._free()
+
+    def _free(self) -> None:
+        render, self._render = self._render, None
+        if render is not None:
+            with contextlib.suppress(Exception):  # freeing a GL context that has already failed
+                render.close()
 
     def capture(self) -> None:
         if self._writer is None:
@@ -205,6 +246,7 @@ class EpisodeRecorder:
             self._tmp.unlink(missing_ok=True)
             return None
         writer, self._writer = self._writer, None
+        self._free()
         try:
             writer.close()
         except Exception as err:

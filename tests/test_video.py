@@ -127,7 +127,7 @@ def test_video_every_counts_evaluations_in_env_steps():
 def test_recorder_streams_frames_and_a_failed_render_loses_only_the_video(tmp_path, monkeypatch):
     frames = [np.full((32, 48, 3), value, dtype=np.uint8) for value in (0, 128, 255)]
     source = iter(frames)
-    monkeypatch.setattr(video, "frame_source", lambda env, env_id: lambda: next(source))
+    monkeypatch.setattr(video, "frame_source", lambda env, env_id: video.FrameSource(lambda: next(source)))
     monkeypatch.setattr(video, "frames_per_second", lambda env, env_id: 10.0)
     recorder = EpisodeRecorder(None, "Hopper-v5", tmp_path / "videos" / "a.mp4")
     for _ in frames:
@@ -140,7 +140,7 @@ def test_recorder_streams_frames_and_a_failed_render_loses_only_the_video(tmp_pa
     def broken() -> np.ndarray:
         raise RuntimeError("GL context lost")
 
-    monkeypatch.setattr(video, "frame_source", lambda env, env_id: broken)
+    monkeypatch.setattr(video, "frame_source", lambda env, env_id: video.FrameSource(broken))
     failed = EpisodeRecorder(None, "Hopper-v5", tmp_path / "videos" / "b.mp4")
     failed.capture()
     failed.capture()
