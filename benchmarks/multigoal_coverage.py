@@ -8,7 +8,8 @@ Each run trains through the real CLI (``python -m dime_lightning.fit --config co
 plus ``conf/gaussian.yaml`` for the Gaussian; the temperature is switched to ``mode: fixed`` at the given α, or
 left on auto), with ``OMP_NUM_THREADS=1`` under ``nice -n 5``, at most ``--jobs`` at a time. Then ``--episodes``
 stochastic rollouts from the start distribution N(0, 0.1² I) (around the origin) are run with the trained actor
-and each rollout's end is assigned to the goal within 1 of it (the task's termination radius), or to none.
+and each rollout's end is assigned to the goal within 1 of it (the task's termination radius), or to none;
+2,000 actions sampled at the origin are assigned to the goal whose direction is nearest theirs.
 Results go to ``--results`` (JSON), rewritten after every run; finished runs found there are skipped, and a
 run whose ``final.ckpt`` holds all its env steps is only evaluated, so an interrupted sweep resumes where it
 stopped (an interrupted run starts over).
@@ -75,7 +76,9 @@ def evaluate(checkpoint: Path, episodes: int, seed: int) -> dict:
     policy = analysis.load_policy(checkpoint)
     paths = analysis.point_rollouts(policy.actor, policy.env_id, episodes=episodes, seed=seed)
     lengths = (~np.isnan(paths[..., 0])).sum(1) - 1
+    first = analysis.sample_actions(policy.actor, [0.0, 0.0], n=2000, seed=seed)  # actions at the origin
     return {**analysis.coverage_summary(analysis.final_positions(paths)), "mean_length": float(lengths.mean()),
+            "first_action_toward_goal": analysis.direction_shares(first).round(3).tolist(),
             "final_alpha": final_alpha(checkpoint)}
 
 
@@ -107,6 +110,34 @@ def save(path: Path, results: dict) -> None:
     path.write_text(json.dumps(results, indent=1) + "\n")
 
 
+def markdown_table(results: dict) -> str:
+    """One row per policy, α and seed: per-goal shares, goals reached (any rollout / ≥ 10 %), share at none."""
+    def alpha_order(alpha: str) -> float:
+        return -1.0 if alpha == "auto" else float(alpha)
+
+    rows = sorted(results["runs"], key=lambda r: (r["policy"], alpha_order(r["alpha"]), r["seed"]))
+    lines = ["| policy | α | seed | share of rollouts ending at goal (+5,0) / (0,+5) / (−5,0) / (0,−5) "
+             "| goals reached (any / ≥ 10 %) | no goal | first action at the origin towards each goal "
+             "| mean length | final α | train wall |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        shares = " / ".join(f"{x:.2f}" for x in r["per_goal"])
+        first = " / ".join(f"{x:.2f}" for x in r.get("first_action_toward_goal", []))
+        lines.append(f"| {r['policy']} | {r['alpha']} | {r['seed']} | {shares} | {r['goals_reached']} / "
+                     f"{r['goals_covered']} | {r['none']:.2f} | {first} | {r['mean_length']:.1f} "
+                     f"| {r['final_alpha']:.3g} | {r['train_wall_s'] / 60:.1f} min |")
+    return "\n".join(lines)
+
+
+def reevaluate(results_path: Path, workdir: Path) -> dict:
+    """Recompute the rollout measures of every recorded run from its ``final.ckpt`` (training time kept)."""
+    results = load_results(results_path)
+    for record in results["runs"]:
+        checkpoint = workdir.resolve() / run_name(record["policy"], record["alpha"], record["seed"]) / "final.ckpt"
+        record.update(evaluate(checkpoint, record["episodes"], seed=1000 + record["seed"]))
+    save(results_path, results)
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--alphas", nargs="+", default=["0.1", "0.3", "1.0"], help="fixed α values (plus auto)")
@@ -118,7 +149,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workdir", default=str(ROOT / "benchmarks" / "runs" / "multigoal_coverage"))
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "multigoal_coverage.json"))
     parser.add_argument("--tiny", action="store_true", help="conf/smoke.yaml sizes (a quick check)")
+    parser.add_argument("--table", action="store_true", help="print --results as a Markdown table and exit")
+    parser.add_argument("--reevaluate", action="store_true",
+                        help="recompute the measures of every run in --results from its checkpoint and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(load_results(Path(args.results))))
+        return load_results(Path(args.results))
+    if args.reevaluate:
+        return reevaluate(Path(args.results), Path(args.workdir))
     for alpha in args.alphas:
         if not float(alpha) > 0:
             raise SystemExit(f"--alphas: every α must be > 0, got {alpha}")

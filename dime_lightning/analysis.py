@@ -166,6 +166,13 @@ def coverage_summary(final: np.ndarray, goals: np.ndarray = HAARNOJA_GOALS, radi
             "goals_covered": int((shares >= covered).sum()), "none": round(float(1.0 - shares.sum()), 4)}
 
 
+def direction_shares(actions: np.ndarray, goals: np.ndarray = HAARNOJA_GOALS) -> np.ndarray:
+    """Share of 2-D actions (n, 2) whose direction is closest to the direction of each goal from the origin."""
+    angles = np.arctan2(actions[:, 1], actions[:, 0])[:, None] - np.arctan2(goals[:, 1], goals[:, 0])  # (n, G)
+    nearest = np.abs(np.angle(np.exp(1j * angles))).argmin(-1)  # angle differences wrapped to (−π, π]
+    return np.bincount(nearest, minlength=len(goals)) / len(actions)
+
+
 # ---- plots --------------------------------------------------------------------------------------------------
 def plot_marginals(actions: np.ndarray, label: str = "", axes=None, bins: int = 60):
     """One histogram per action dimension (density over [-1, 1])."""

@@ -118,3 +118,10 @@ def test_coverage_summary_counts_goals_and_misses():
     assert summary["none"] == pytest.approx(5 / 101, abs=1e-4)
     nan_padded = np.array([[[0, 0], [1, 0], [np.nan, np.nan]], [[0, 0], [0, 1], [0, 2]]], dtype=float)
     assert np.array_equal(final_positions(nan_padded), [[1, 0], [0, 2]])
+
+
+def test_direction_shares_assign_actions_to_the_nearest_goal_direction():
+    from dime_lightning.analysis import direction_shares
+
+    actions = np.array([[1.0, 0.1], [0.1, 1.0], [-1.0, 0.0], [-0.9, -0.2], [0.2, -1.0], [1.0, -0.5], [-1.0, 0.9]])
+    assert np.allclose(direction_shares(actions), np.array([2, 1, 3, 1]) / 7)  # (−1, 0.9) is nearer 180° than 90°
