@@ -125,3 +125,28 @@ def test_direction_shares_assign_actions_to_the_nearest_goal_direction():
 
     actions = np.array([[1.0, 0.1], [0.1, 1.0], [-1.0, 0.0], [-0.9, -0.2], [0.2, -1.0], [1.0, -0.5], [-1.0, 0.9]])
     assert np.allclose(direction_shares(actions), np.array([2, 1, 3, 1]) / 7)  # (−1, 0.9) is nearer 180° than 90°
+
+
+def test_coverage_benchmark_skips_recorded_runs_and_tabulates(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "multigoal_coverage.py"
+    spec = importlib.util.spec_from_file_location("multigoal_coverage", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    record = {"env_steps": 300, "train_wall_s": 60.0, "episodes": 100, "per_goal": [0.5, 0.0, 0.5, 0.0],
+              "goals_reached": 2, "goals_covered": 2, "none": 0.0, "first_action_toward_goal": [0.5, 0, 0.5, 0],
+              "mean_length": 6.0, "final_alpha": 0.3}
+    runs = [{"policy": p, "alpha": a, "seed": 0, **record} for p in ("DIME", "Gaussian") for a in ("auto", "0.3")]
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"runs": runs}))
+    out = bench.main(["--alphas", "0.3", "--seeds", "0", "--steps", "300", "--results", str(results),
+                      "--workdir", str(tmp_path / "runs")])  # everything recorded: nothing is trained
+    assert "4 runs found" in capsys.readouterr().out and len(out["runs"]) == 4
+    assert not (tmp_path / "runs").exists()
+    table = bench.markdown_table(out).splitlines()
+    assert len(table) == 6 and table[2].startswith("| DIME | auto | 0 | 0.50 / 0.00 / 0.50 / 0.00 | 2 / 2 |")
+    with pytest.raises(SystemExit, match="must be > 0"):
+        bench.main(["--alphas", "0", "--results", str(results)])
