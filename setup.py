@@ -19,10 +19,17 @@ setup(
     include_package_data=True,
     package_data={"dime_lightning": ["reference_data/*.csv", "reference_data/*.md"]},
     install_requires=[
-        # Install the CPU build first on machines without CUDA: `pip install torch==2.13.0`.
+        # Install the CPU build first on machines without CUDA: `pip install torch==2.13.0`. Tested with 2.13 only
+        # (the build on the project's machines); older releases are not tested.
         "torch>=2.5",
-        "torchrl>=0.14,<0.15",
-        "tensordict>=0.14.3,<0.15",
+        # Collectors, replay buffers and env transforms (public API only). Tested: torchrl 0.13.3 with tensordict
+        # 0.13.0, and 0.14.1 with 0.14.3 (data, resume, multi-worker collection, DDP, update tests); 0.15 is not
+        # released. Each TorchRL minor takes its own tensordict minor, which its own requirements enforce.
+        "torchrl>=0.13,<0.15",
+        "tensordict>=0.13,<0.15",
+        # Tested: 2.6.0 and 2.6.6 (tests/test_compat.py, which checks the private Lightning parts that
+        # dime_lightning/compat.py relies on, plus fit, resume and DDP tests). 2.5.6 fails: its Trainer.fit has
+        # no weights_only, which every resume uses. 2.7 is not released: compat.py must be checked against it.
         "lightning>=2.6,<2.7",
         "jsonargparse[signatures]>=4.35",
         "gymnasium[mujoco]>=1.0,<2",
@@ -31,7 +38,10 @@ setup(
         # 'flex_vertedge'), which gymnasium[mujoco] would otherwise pull. MuJoCo 4 is split into mujoco,
         # mujoco-core and mujoco-studio; with this pin none of the 4.x parts is installed.
         "mujoco>=3.2,<4",
-        "mlflow>=3.0,<4",
+        # Tested: 3.9.0 and 3.17.2 (tracking, outage, fit and resume tests). MLflow 3.0-3.8 import
+        # sqlalchemy.pool.FallbackAsyncAdaptedQueuePool, which SQLAlchemy 2.1 (what a fresh install gets) removed:
+        # 3.0.1 cannot open the sqlite store (ImportError); 3.9 guards that import.
+        "mlflow>=3.9,<4",
         "matplotlib>=3.8",
         "numpy>=1.26",
         # the lock under which the first of several fits started together creates the sqlite MLflow store
