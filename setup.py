@@ -28,7 +28,7 @@ setup(
         "torchrl>=0.13,<0.15",
         "tensordict>=0.13,<0.15",
         # Tested: 2.6.0 and 2.6.6 (tests/test_compat.py, which checks the private Lightning parts that
-        # dime_lightning/compat.py relies on, plus fit, resume and DDP tests). 2.5.6 fails: its Trainer.fit has
+        # dime_lightning/compat.py relies on, plus fit, resume and DDP-strategy tests). 2.5.6 fails: its Trainer.fit has
         # no weights_only, which every resume uses. 2.7 is not released: compat.py must be checked against it.
         "lightning>=2.6,<2.7",
         "jsonargparse[signatures]>=4.35",
