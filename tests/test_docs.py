@@ -105,3 +105,16 @@ def test_class_help_documents_every_init_arg(spec: str) -> None:
     text = run_help(f"--{key}.help", class_path)
     assert f"--{key}." in text
     assert undocumented_options(text, key) == []
+
+
+def test_every_test_the_algorithm_document_cites_exists() -> None:
+    section8 = ALGORITHM.read_text(encoding="utf-8").split("## 8. Tests", 1)[1]
+    defined = set()
+    for path in (ROOT / "tests").glob("test_*.py"):
+        defined.add(path.stem)
+        defined.update(re.findall(r"^def (test_\w+)", path.read_text(encoding="utf-8"), flags=re.M))
+    cited = re.findall(r"\b(test_\w+?)(\*|\.py|\b)", section8)
+    assert len(cited) > 20
+    missing = [name + tail for name, tail in cited
+               if not (any(d.startswith(name) for d in defined) if tail == "*" else name in defined)]
+    assert not missing, f"docs/algorithm.md §8 cites tests that do not exist: {missing}"
