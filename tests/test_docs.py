@@ -15,7 +15,7 @@ SECTION_REF = re.compile(r"docs/algorithm\.md((?:,? ?§\d+(?:\.\d+)?(?:[–-]\d+
 OUTSIDE_DOCS = re.compile(r"\b(?:ALGORITHM|DESIGN|REFERENCE_RESULTS)\.md\b")
 # the option groups this project defines (trainer.* are Lightning's own, documented by Lightning)
 OWN_GROUPS = ("model", "data", "eval", "checkpoint", "monitor", "mlflow")
-OWN_CLASSES = ("model.actor dime_lightning.DiffusionActor", "model.actor dime_lightning.TanhGaussianActor",
+OWN_CLASSES = ("model.actor dime_lightning.DiffusionActor", "model.actor dime_lightning.gaussian.TanhGaussianActor",
                "model.critic dime_lightning.DistributionalCritic", "model.temperature dime_lightning.Temperature")
 
 
