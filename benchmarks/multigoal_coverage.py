@@ -1,6 +1,6 @@
 """Goal coverage on the standard multi-goal task (MultiGoalHaarnoja-v0): DIME vs the tanh-Gaussian actor.
 
-    python benchmarks/multigoal_coverage.py                     # 3 fixed α + auto-α, 2 seeds, 2 policies, 2 jobs
+    python benchmarks/multigoal_coverage.py                     # α 0.1, 1, 3 and auto, 2 seeds, 2 policies, 2 jobs
     python benchmarks/multigoal_coverage.py --alphas 0.1 1.0 --seeds 0 --steps 4000
     python benchmarks/multigoal_coverage.py --tiny --workdir /tmp/mgc --results /tmp/mgc.json   # seconds
 
@@ -140,7 +140,7 @@ def reevaluate(results_path: Path, workdir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--alphas", nargs="+", default=["0.1", "0.3", "1.0"], help="fixed α values (plus auto)")
+    parser.add_argument("--alphas", nargs="+", default=["0.1", "1.0", "3.0"], help="fixed α values (plus auto)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     parser.add_argument("--steps", type=int, default=8_000, help="env steps per run")
