@@ -134,7 +134,8 @@ def point_rollouts(actor: nn.Module, env_id: str = "MultiGoalHaarnoja-v0", episo
     torch.manual_seed(seed)
     register_toy_envs()
     envs = [gymnasium.make(env_id) for _ in range(episodes)]
-    assert all(np.allclose(np.abs(e.action_space.low), 1) for e in envs), "needs a [-1, 1] action box"
+    if not all(np.allclose(e.action_space.low, -1) and np.allclose(e.action_space.high, 1) for e in envs):
+        raise ValueError(f"point_rollouts: env {env_id!r} needs the action box [-1, 1]², has {envs[0].action_space}")
     obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])  # (episodes, 2)
     path, alive = [obs], np.ones(episodes, dtype=bool)
     device = next(actor.parameters()).device
