@@ -4,7 +4,8 @@ Accepted ids:
 - any registered Gymnasium id with a bounded continuous (Box) action space, e.g. the MuJoCo v5 tasks
   ``HalfCheetah-v5``, ``Hopper-v5``, ``Walker2d-v5``, ``Ant-v5``, ``Humanoid-v5`` or ``Pendulum-v1``, also as
   ``module:EnvName-vN`` for an env that ``module`` registers on import (Gymnasium's convention);
-- the multimodal toy tasks ``MultimodalBandit-v0`` and ``MultiGoal-v0`` (``toy_envs.py``);
+- the multimodal toy tasks ``MultimodalBandit-v0``, ``MultiGoal-v0`` and ``MultiGoalHaarnoja-v0`` (the
+  standard multi-goal task of soft Q-learning; ``toy_envs.py``);
 - DeepMind Control Suite tasks as ``dm_control/<domain>-<task>`` (e.g. ``dm_control/dog-run``), which need
   the ``dmc`` extra (``pip install 'dime-lightning[dmc]'``).
 
@@ -36,7 +37,7 @@ from dime_lightning.toy_envs import register_toy_envs
 DMC_PREFIX = "dm_control/"
 ACCEPTED_FORMS = (
     "a Gymnasium id with a continuous Box action space (e.g. 'Pendulum-v1', 'HalfCheetah-v5', 'Hopper-v5', "
-    "'Walker2d-v5', 'Ant-v5', 'Humanoid-v5', 'MultimodalBandit-v0', 'MultiGoal-v0') or "
+    "'Walker2d-v5', 'Ant-v5', 'Humanoid-v5', 'MultimodalBandit-v0', 'MultiGoal-v0', 'MultiGoalHaarnoja-v0') or "
     "'dm_control/<domain>-<task>' (e.g. 'dm_control/dog-run')"
 )
 
