@@ -54,7 +54,8 @@ setup(
     extras_require={
         # jupyterlab: `jupyter lab notebooks/` (it brings nbconvert); nbclient/ipykernel run the notebooks in tests.
         # The video packages are in dev too, so that the README's install runs tests/test_video.py.
-        "dev": ["pytest>=8", "ruff>=0.6", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+        # pytest-xdist: the suite runs on every core (`-n auto` in pyproject.toml), most tests are CLI subprocesses
+        "dev": ["pytest>=8", "pytest-xdist>=3.6", "ruff>=0.6", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
                 "jupyterlab>=4.6,<5", "nbconvert>=7.16", *VIDEO],
         # eval.video: H.264 MP4 through imageio's FFmpeg plugin (imageio-ffmpeg ships the ffmpeg binary)
         "video": VIDEO,
