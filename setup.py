@@ -46,6 +46,8 @@ setup(
         "numpy>=1.26",
         # the lock under which the first of several fits started together creates the sqlite MLflow store
         "filelock>=3.12",
+        # free memory before a replay buffer is allocated (resources.py), RSS in the soak benchmark. Tested: 7.2
+        "psutil>=5.9",
         # IQM and stratified-bootstrap confidence intervals (compare --reference). rliable 1.2 needs arch<8, and
         # arch 7.x fails to import with pandas 3 (TypeError in deprecate_kwarg), hence pandas<3.
         "rliable>=1.2,<2",

@@ -10,7 +10,8 @@ The notebooks in ``notebooks/`` are thin wrappers around these functions (so tes
 
 from __future__ import annotations
 
-import importlib
+import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,10 @@ import torch
 from tensordict.nn import TensorDictModule
 from torch import nn
 
-from dime_lightning.checkpointing import read_checkpoint, resolve_checkpoint
+from dime_lightning.actor import DiffusionActor
+from dime_lightning.checkpointing import CheckpointError, read_checkpoint, resolve_checkpoint
 from dime_lightning.envs import make_env
+from dime_lightning.gaussian import TanhGaussianActor
 from dime_lightning.toy_envs import (
     BANDIT_MODES,
     GOAL_RADIUS,
@@ -48,26 +51,62 @@ class LoadedPolicy:
         return type(self.actor).__name__.replace("TanhGaussianActor", "Gaussian").replace("DiffusionActor", "DIME")
 
 
-def _import(class_path: str) -> type:
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+ACTOR_CLASSES: dict[str, type[nn.Module]] = {
+    f"{cls.__module__}.{cls.__qualname__}": cls for cls in (DiffusionActor, TanhGaussianActor)}
+PLAIN_VALUES = (bool, int, float, str, type(None))
 
 
-def load_policy(source: str | Path, tracking_uri: str | None = None, device: str = "cpu") -> LoadedPolicy:
-    """Rebuild the actor of a checkpoint file, ``last`` or an MLflow run id (see ``--ckpt_path``)."""
+def _plain(value: Any) -> bool:
+    return isinstance(value, PLAIN_VALUES) or (isinstance(value, list | tuple) and all(map(_plain, value)))
+
+
+def _actor_spec(spec: Any, path: Path, classes: Mapping[str, type[nn.Module]]) -> tuple[type[nn.Module], dict]:
+    """The stored actor config → (a class from ``classes``, checked keyword arguments). The file only *names*
+    a class; nothing it names is imported, and its arguments must be plain values the class accepts."""
+    class_path = spec.get("class_path") if isinstance(spec, dict) else None
+    if class_path not in classes:
+        raise CheckpointError(f"checkpoint {path}: actor class {class_path!r} is not one this loader builds "
+                              f"({', '.join(classes)}); pass actor_classes={{{class_path!r}: YourActor}} to "
+                              "load_policy to build your own (a checkpoint never chooses the code that runs)")
+    cls, init_args = classes[class_path], spec.get("init_args") or {}
+    accepted = set(inspect.signature(cls).parameters) - {"obs_dim", "action_dim"}
+    if not isinstance(init_args, dict):
+        raise CheckpointError(f"checkpoint {path}: the actor's init_args are not a mapping")
+    for key, value in init_args.items():
+        if key not in accepted:
+            raise CheckpointError(f"checkpoint {path}: {class_path} takes no argument {key!r} "
+                                  f"(it takes {', '.join(sorted(accepted))})")
+        if not _plain(value):
+            raise CheckpointError(f"checkpoint {path}: actor argument {key} = {value!r} is not a plain value "
+                                  "(number, string, boolean, null or a list of them)")
+    return cls, init_args
+
+
+def load_policy(source: str | Path, tracking_uri: str | None = None, device: str = "cpu",
+                actor_classes: Mapping[str, type[nn.Module]] | None = None) -> LoadedPolicy:
+    """Rebuild the actor of a checkpoint file, ``last`` or an MLflow run id (see ``--ckpt_path``).
+
+    The checkpoint is data: its actor is built only from ``ACTOR_CLASSES`` (the project's actors) or the
+    ``actor_classes`` the caller passes ({class path as stored: class}), with arguments checked against that
+    class's signature; a checkpoint naming anything else is refused (``CheckpointError``)."""
     source = Path(source) / "final.ckpt" if Path(source).is_dir() else source
     path = resolve_checkpoint(str(source), None, tracking_uri).path
     checkpoint = read_checkpoint(path)
     config = checkpoint.get("dime_config")
-    if config is None:
-        raise ValueError(f"checkpoint {path} has no stored config (written by an older version?)")
-    spec = config["model"]["actor"]
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {path} has no stored config (written by an older version?)")
+    cls, init_args = _actor_spec((config.get("model") or {}).get("actor"), path,
+                                 {**ACTOR_CLASSES, **(actor_classes or {})})
     hparams = checkpoint["hyper_parameters"]
-    actor = _import(spec["class_path"])(hparams["obs_dim"], hparams["action_dim"], **spec.get("init_args", {}))
+    dims = (hparams.get("obs_dim"), hparams.get("action_dim"))
+    if not all(isinstance(d, int) and d >= 1 for d in dims):
+        raise CheckpointError(f"checkpoint {path}: observation/action sizes {dims} are not positive integers")
+    actor = cls(*dims, **init_args)
     state = {k[len("actor."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("actor.")}
     actor.load_state_dict(state)
     actor.to(device).eval()
-    return LoadedPolicy(actor, config["data"]["env_id"], config, dict(checkpoint["dime_counters"]), path)
+    env_id = (config.get("data") or {}).get("env_id")
+    return LoadedPolicy(actor, str(env_id), config, dict(checkpoint["dime_counters"]), path)
 
 
 def _as_batch(obs: Any, n: int, actor: nn.Module) -> torch.Tensor:

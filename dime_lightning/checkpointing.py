@@ -8,16 +8,22 @@ Layout of ``checkpoint.dirpath`` (default ``checkpoints/<MLflow run id>``)::
     last.ckpt                   hard link to the newest step checkpoint (the publish point)
     final.ckpt                  hard link to the checkpoint written when training ends
 
-Order of writes: buffer dump into a temporary folder → rename; checkpoint into a temporary file → rename;
-``last.ckpt`` re-linked atomically; only then are checkpoints beyond the ``keep`` newest deleted. A kill at
-any moment leaves the previous ``last.ckpt`` and everything it points to intact.
+    .writer.lock                the writer lock (``run_lock``): one process writes this folder at a time
+
+Order of writes: free space checked for the whole pair (``resources``: a full disk is a clear stop, never a
+SIGBUS); buffer dump with its manifest (``buffer_dump``) into a temporary folder → rename; checkpoint into a
+temporary file → rename; ``last.ckpt`` re-linked atomically; only then are checkpoints beyond the ``keep``
+newest deleted. A kill at any moment leaves the previous ``last.ckpt`` and everything it points to intact.
 
 Reading is weights-only (``safe_checkpoint``): a checkpoint or buffer dump that would need any type beyond
-tensors, plain containers and numpy's RNG-state array is refused before it is unpickled.
+tensors, plain containers and numpy's RNG-state array is refused before it is unpickled. A resume verifies
+the checkpoint's dump against its manifest first; when the newest pair of a folder is damaged (unreadable
+checkpoint, dump that differs from what was written) it falls back to the newest intact pair, saying so.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -29,9 +35,13 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from dime_lightning.buffer_dump import verify_dump
+from dime_lightning.errors import DamagedDumpError, DiskSpaceError
+from dime_lightning.resources import require_free_space
+from dime_lightning.run_lock import RunLock
 from dime_lightning.safe_checkpoint import (
     UnreadableCheckpointError,
     UnsafeCheckpointError,
@@ -45,8 +55,15 @@ RUN_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 REQUIRED_KEYS = ("state_dict", "dime_counters", "hyper_parameters")
 
 
+CHECKPOINT_ALLOWANCE = 1 << 20  # hyperparameters, config, counters and RNG states beside the tensors
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be found, read or used with this config."""
+
+
+class UnsafeCheckpoint(CheckpointError):
+    """A checkpoint refused because loading it could run code (never a fallback candidate: it was tampered)."""
 
 
 def _link_atomically(source: Path, target: Path) -> None:
@@ -90,6 +107,19 @@ class EnvStepCheckpoint(Callback):
         self.save_buffer = save_buffer
         self.log_artifacts = log_artifacts
         self._last_saved = 0
+        self.writer_lock: RunLock | None = None
+
+    def hold_folder(self) -> None:
+        """Take the folder's writer lock (``run_lock``) for this process; ``RunLockedError`` if another holds it.
+        Called by the process of global rank 0, before anything of the run is written."""
+        if self.writer_lock is None or self.writer_lock.folder != self.dirpath:
+            self.release_folder()
+            self.writer_lock = RunLock(self.dirpath)
+        self.writer_lock.acquire()
+
+    def release_folder(self) -> None:
+        if self.writer_lock is not None:
+            self.writer_lock.release()
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.dirpath is None:
@@ -98,6 +128,7 @@ class EnvStepCheckpoint(Callback):
             self.dirpath = Path(trainer.strategy.broadcast(str(default)))  # rank 0 knows the run id
         if trainer.global_rank == 0:
             self.dirpath.mkdir(parents=True, exist_ok=True)
+            self.hold_folder()  # already held when fit.py knew the folder before the run started
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_saved = pl_module.env_steps  # a resumed run does not re-save at once
@@ -138,14 +169,23 @@ class EnvStepCheckpoint(Callback):
             check()
         stem = f"step-{pl_module.env_steps:010d}"
         data = trainer.datamodule
+        self._require_space(trainer, pl_module, stem)
         data.buffer_dump = None
-        if self.save_buffer:
-            buffer_dir = self.dirpath / f"{stem}.buffer"
-            data.dump_buffer(buffer_dir)  # each rank writes its own shard, atomically
-            data.buffer_dump = buffer_dir.name
         path = self.dirpath / f"{stem}.ckpt"
         tmp = self.dirpath / f".{stem}.ckpt.tmp"
-        trainer.save_checkpoint(tmp, weights_only=False)  # collective under DDP; rank 0 writes
+        try:
+            if self.save_buffer:
+                buffer_dir = self.dirpath / f"{stem}.buffer"
+                data.dump_buffer(buffer_dir)  # each rank writes its own shard and its manifest, atomically
+                data.buffer_dump = buffer_dir.name
+            trainer.save_checkpoint(tmp, weights_only=False)  # collective under DDP; rank 0 writes
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            tmp.unlink(missing_ok=True)
+            raise DiskSpaceError(f"the disk holding {self.dirpath} filled up while writing {stem} "
+                                 "(nothing of it was published; the previous checkpoint is intact); free some space, "
+                                 "then resume with --ckpt_path last") from err
         if trainer.global_rank == 0:
             os.replace(tmp, path)
             _link_atomically(path, self.dirpath / "last.ckpt")
@@ -153,6 +193,25 @@ class EnvStepCheckpoint(Callback):
         trainer.strategy.barrier("env_step_checkpoint")
         self._last_saved = pl_module.env_steps
         return path
+
+    def _require_space(self, trainer, pl_module, stem: str) -> None:
+        """Every rank stops with ``DiskSpaceError`` when the folder cannot take this checkpoint and all ranks'
+        dumps (rank 0 decides, for a folder that all ranks share)."""
+        need = CHECKPOINT_ALLOWANCE + sum(t.nbytes for t in pl_module.state_dict().values() if hasattr(t, "nbytes"))
+        need += sum(v.nbytes for opt in trainer.optimizers for state in opt.state.values()
+                    for v in state.values() if hasattr(v, "nbytes"))
+        if self.save_buffer:
+            need += trainer.datamodule.dump_need_bytes() * trainer.world_size
+        problem = None
+        if trainer.global_rank == 0:
+            try:
+                require_free_space(self.dirpath, need, f"checkpoint {stem} and its replay-buffer dump"
+                                   if self.save_buffer else f"checkpoint {stem}")
+            except DiskSpaceError as err:
+                problem = str(err)
+        problem = trainer.strategy.broadcast(problem)
+        if problem is not None:
+            raise DiskSpaceError(problem)
 
     def _prune(self) -> None:
         steps = sorted((int(m.group(1)), p) for p in self.dirpath.glob("step-*.ckpt")
@@ -177,6 +236,29 @@ class ConfigInCheckpoint(Callback):
 class ResolvedCheckpoint:
     path: Path  # the checkpoint file to load
     dirpath: Path  # where the resumed run keeps writing checkpoints
+    fallback: bool = False  # the folder's older checkpoints may stand in for a damaged newest one
+
+
+def folder_checkpoints(folder: Path) -> list[Path]:
+    """A checkpoint folder's checkpoints, newest first: ``last.ckpt``, then the step checkpoints by env step
+    (leaving out the one ``last.ckpt`` links to)."""
+    last = folder / "last.ckpt"
+    steps = sorted(((int(m.group(1)), p) for p in folder.glob("step-*.ckpt")
+                    if (m := STEP_PATTERN.fullmatch(p.name))), reverse=True)
+    found = [last] if last.is_file() else []
+    return found + [p for _, p in steps if not (found and os.path.samefile(p, last))]
+
+
+def _stored_config(folder: Path) -> dict[str, Any]:
+    """The config stored in the newest readable checkpoint of ``folder`` (empty when none is readable)."""
+    for path in folder_checkpoints(folder):
+        try:
+            return read_checkpoint(path).get("dime_config") or {}
+        except UnsafeCheckpoint:
+            raise
+        except CheckpointError:
+            continue
+    return {}
 
 
 def resolve_checkpoint(
@@ -185,23 +267,28 @@ def resolve_checkpoint(
 ) -> ResolvedCheckpoint:
     """``last``, a file path, or an MLflow run id → the checkpoint to load and the folder to continue in.
 
-    ``last``: the newest ``last.ckpt`` under ``dirpath``, else under ``checkpoints/*`` among the runs whose stored
+    ``last``: the newest checkpoint folder, ``dirpath`` or else among ``checkpoints/*`` the runs whose stored
     config ``matches`` (so that one seed never resumes another's run). A run id: its local
-    ``checkpoints/<id>/last.ckpt``, else its ``checkpoints/last.ckpt`` artifact (then new checkpoints go to
-    ``checkpoints/<id>``, not to the download location).
+    ``checkpoints/<id>/``, else its ``checkpoints/last.ckpt`` artifact (then new checkpoints go to
+    ``checkpoints/<id>``, not to the download location). For ``last`` and a local run folder, ``open_for_resume``
+    may fall back to an older intact checkpoint of the folder; a file named explicitly is used as it is.
     """
     if ckpt_path == "last":
-        roots = [Path(dirpath)] if dirpath else list(Path("checkpoints").glob("*"))
-        candidates = sorted((root / "last.ckpt" for root in roots if (root / "last.ckpt").is_file()),
-                            key=lambda p: p.stat().st_mtime, reverse=True)
+        roots = [Path(dirpath)] if dirpath else [p for p in Path("checkpoints").glob("*") if p.is_dir()]
+        folders = sorted((root for root in roots if folder_checkpoints(root)),
+                         key=lambda root: folder_checkpoints(root)[0].stat().st_mtime, reverse=True)
         where = dirpath or "checkpoints/*"
-        if not candidates:
-            raise CheckpointError(f"--ckpt_path last: no last.ckpt found in {where}")
-        for candidate in candidates:
-            if matches is None or dirpath or matches(read_checkpoint(candidate).get("dime_config") or {}):
-                return ResolvedCheckpoint(candidate, candidate.parent)
+        if not folders:
+            empty = [str(root) for root in roots if root.is_dir()]
+            raise CheckpointError(
+                f"--ckpt_path last: no checkpoint found in {where}"
+                + (f" (the folder(s) {empty} hold none: such a run stopped before its first checkpoint, at "
+                   "checkpoint.every_env_steps, and cannot be resumed; start it anew)" if empty else ""))
+        for folder in folders:
+            if matches is None or dirpath or matches(_stored_config(folder)):
+                return ResolvedCheckpoint(folder_checkpoints(folder)[0], folder, fallback=True)
         raise CheckpointError(
-            f"--ckpt_path last: none of {[str(c) for c in candidates]} was written by a run with this config's "
+            f"--ckpt_path last: none of {[str(f) for f in folders]} was written by a run with this config's "
             "env id, seed and actor; pass the checkpoint file or the MLflow run id instead"
         )
     path = Path(ckpt_path)
@@ -209,8 +296,11 @@ def resolve_checkpoint(
         return ResolvedCheckpoint(path, path.parent)
     if RUN_ID_PATTERN.fullmatch(ckpt_path):
         local_dir = Path(dirpath) if dirpath else Path("checkpoints") / ckpt_path
-        if (local_dir / "last.ckpt").is_file():
-            return ResolvedCheckpoint(local_dir / "last.ckpt", local_dir)
+        if local_dir.is_dir() and folder_checkpoints(local_dir):
+            return ResolvedCheckpoint(folder_checkpoints(local_dir)[0], local_dir, fallback=True)
+        if tracking_uri and tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[10:]).is_file():
+            raise CheckpointError(f"--ckpt_path {ckpt_path}: no local {local_dir / 'last.ckpt'}, and the tracking "
+                                  f"store {tracking_uri} does not exist (nothing was created)")
         try:
             import mlflow
 
@@ -229,7 +319,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     for corrupt, foreign or unsafe files."""
     try:
         checkpoint = safe_load(path)
-    except (UnsafeCheckpointError, UnreadableCheckpointError) as err:
+    except UnsafeCheckpointError as err:
+        raise UnsafeCheckpoint(str(err)) from err
+    except UnreadableCheckpointError as err:
         raise CheckpointError(str(err)) from err
     except Exception as err:
         raise CheckpointError(f"checkpoint {path} cannot be read (corrupt or truncated?): "
@@ -239,14 +331,53 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def check_buffer_beside(checkpoint: dict[str, Any], path: Path) -> None:
-    """The replay-buffer dump a checkpoint names (beside it) holds plain data only (``check_buffer_dump``)."""
-    dump = (checkpoint.get("ReplayDataModule") or {}).get("buffer_dump")
-    if dump:
+def check_buffer_beside(checkpoint: dict[str, Any], path: Path, data_key: str) -> Path | None:
+    """Verify the replay-buffer dump a checkpoint names (its data module's entry ``data_key``:
+    ``compat.datamodule_checkpoint_key``): every rank's files against the manifest that this checkpoint recorded
+    (``buffer_dump``; ``DamagedDumpError``), then plain data only (``check_buffer_dump``). Returns the verified
+    dump folder (None: no dump named, or none beside the checkpoint)."""
+    state = checkpoint.get(data_key) or {}
+    dump = Path(path).parent / str(state["buffer_dump"]) if state.get("buffer_dump") else None
+    if dump is None or not dump.is_dir():
+        return None
+    unverified = []
+    for rank, rank_state in enumerate(state.get("ranks") or [{}]):
+        if not verify_dump(dump / f"rank{rank}", (rank_state or {}).get("buffer_manifest")):
+            unverified.append(rank)
+    if unverified:
+        rank_zero_warn(f"replay-buffer dump {dump} has no manifest (written before dumps had one): unverified")
+    try:
+        check_buffer_dump(dump)
+    except UnsafeCheckpointError as err:
+        raise UnsafeCheckpoint(str(err)) from err
+    except ValueError as err:
+        raise CheckpointError(str(err)) from err
+    return dump
+
+
+def open_for_resume(found: ResolvedCheckpoint, data_key: str) -> tuple[Path, dict[str, Any], Path | None]:
+    """Read and verify the checkpoint to resume from and its buffer dump → (path, checkpoint, verified dump).
+
+    When ``found.fallback`` (``last``, a run folder) and the newest checkpoint or its dump is damaged, the
+    folder's older checkpoints are tried newest first and the first intact pair is used, with a warning naming
+    what was damaged. A refused (unsafe) file is never passed over: it stops the resume."""
+    candidates = folder_checkpoints(found.dirpath) if found.fallback else [found.path]
+    damaged = []
+    for path in candidates:
         try:
-            check_buffer_dump(Path(path).parent / str(dump))
-        except ValueError as err:
-            raise CheckpointError(str(err)) from err
+            checkpoint = read_checkpoint(path)
+            dump = check_buffer_beside(checkpoint, path, data_key)
+        except UnsafeCheckpoint:
+            raise
+        except (CheckpointError, DamagedDumpError) as err:
+            damaged.append(str(err))
+            continue
+        if damaged:
+            rank_zero_warn(f"resuming from {path} (env step {checkpoint['dime_counters'].get('env_steps')}), the "
+                           f"newest intact checkpoint of {found.dirpath}, because: {'; '.join(damaged)}")
+        return path, checkpoint, dump
+    raise CheckpointError(f"no intact checkpoint to resume from in {found.dirpath if found.fallback else found.path}: "
+                          + "; ".join(damaged))
 
 
 def check_compatible(checkpoint: dict[str, Any], path: Path, obs_dim: int, action_dim: int) -> None:

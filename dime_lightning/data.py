@@ -14,6 +14,7 @@ import math
 import os
 import random
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,14 +29,17 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.collectors import Collector, MultiSyncCollector
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, TensorDictReplayBuffer
 
+from dime_lightning.buffer_dump import dump_bytes, verify_dump, write_manifest
 from dime_lightning.collection import CollectionPolicy, build_collector
 from dime_lightning.distributed import gather_objects
 from dime_lightning.envs import env_spec
 from dime_lightning.errors import NonFiniteError
+from dime_lightning.resources import free_bytes, human_bytes, require_memory
 
 TRANSITION_KEYS = ("observation", "action", ("next", "observation"), ("next", "reward"), ("next", "terminated"))
 EVAL_SEED_OFFSET = 1_000_000
 RANK_SEED_OFFSET = 1_000
+FLOAT_BYTES, BOOL_BYTES = 4, 1  # float32 observations, actions and rewards; a bool `terminated`
 
 
 class StepToken:
@@ -115,6 +119,8 @@ class ReplayDataModule(pl.LightningDataModule):
         self._local_steps = 0  # this rank
         self._updates_begin_after = 0  # env steps on this rank before updates begin; set in setup
         self.buffer_dump: str | None = None  # name of the dump the next checkpoint points to (set by it)
+        self.verified_dump: Path | None = None  # a dump already verified before the fit (fit.py's pre-flight)
+        self._dump_digest: str | None = None  # SHA-256 of this rank's last dump manifest (buffer_dump.py)
         self.finished_episodes: list[FinishedEpisode] = []
         self._collector: Collector | MultiSyncCollector | None = None
         self._buffer: TensorDictReplayBuffer | None = None
@@ -161,6 +167,38 @@ class ReplayDataModule(pl.LightningDataModule):
         else:
             storage = LazyTensorStorage(size)
         return TensorDictReplayBuffer(storage=storage, batch_size=hp.utd * hp.batch_size)
+
+    def transition_bytes(self) -> int:
+        """Bytes one stored transition takes (observation and next observation, action, reward, terminated)."""
+        return (2 * self.obs_dim + self.action_dim + 1) * FLOAT_BYTES + BOOL_BYTES
+
+    def check_capacity(self, device: torch.device, ranks_here: int) -> None:
+        """Refuse (``ValueError``: exit 2) a replay buffer that this machine could never hold, before anything is
+        built: ``ranks_here`` processes of this machine each allocate ``ceil(buffer_size / world size)``
+        transitions in RAM (``memory``), on ``device`` (``device``) or in files under scratch_dir (``memmap``)."""
+        hp = self.hparams
+        capacity = self._local(hp.buffer_size)  # TorchRL allocates the whole storage at the first write
+        need = capacity * self.transition_bytes() * ranks_here
+        what = (f"data.buffer_size {hp.buffer_size} with data.storage {hp.storage!r} ({capacity} transitions of "
+                f"{self.transition_bytes()} bytes for each of {ranks_here} process(es) here)")
+        if hp.storage == "memmap":
+            folder = Path(hp.scratch_dir) if hp.scratch_dir else Path(tempfile.gettempdir())
+            if need > free_bytes(folder):
+                raise ValueError(f"{what} needs about {human_bytes(need)} of disk in {folder}, "
+                                 f"{human_bytes(free_bytes(folder))} is free: lower data.buffer_size or set "
+                                 "data.scratch_dir to a disk with room")
+        elif hp.storage == "device" and device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            if need > free:
+                raise ValueError(f"{what} needs about {human_bytes(need)} on {device}, {human_bytes(free)} is free: "
+                                 "lower data.buffer_size or use data.storage memory")
+        else:
+            require_memory(need, what, "lower data.buffer_size, or use data.storage memmap with a data.scratch_dir "
+                                       "on a disk with room")
+
+    def dump_need_bytes(self) -> int:
+        """Disk space this rank's next buffer dump takes (the whole capacity: TorchRL dumps full storages)."""
+        return dump_bytes(self.transition_bytes(), self._local(self.hparams.buffer_size))
 
     def _local(self, steps: int) -> int:
         """Per-rank share of a global env-step count."""
@@ -242,14 +280,21 @@ class ReplayDataModule(pl.LightningDataModule):
 
     # ---- checkpointed state ------------------------------------------------------------------------------
     def dump_buffer(self, directory: Path) -> None:
-        """This rank's buffer → ``directory/rank<r>`` with TorchRL's ``dumps`` (temporary folder, then rename)."""
+        """This rank's buffer → ``directory/rank<r>`` with TorchRL's ``dumps`` and a manifest of what it wrote
+        (``buffer_dump``), in a temporary folder renamed when complete. Free space is checked by the caller."""
         target = Path(directory) / f"rank{self.rank}"
         tmp = target.with_name(f".{target.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        self._buffer.dumps(tmp)
+        try:
+            self._buffer.dumps(tmp)
+            digest = write_manifest(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # e.g. ENOSPC: leave no half-written dump behind
+            raise
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
+        self._dump_digest = digest
 
     def state_dict(self) -> dict:
         """Counters, the buffer dump's name and, per rank (gathered: collective under DDP), RNG states."""
@@ -262,6 +307,7 @@ class ReplayDataModule(pl.LightningDataModule):
 
     def _rank_state(self) -> dict:
         return {
+            "buffer_manifest": self._dump_digest if self.buffer_dump else None,  # binds the dump to this checkpoint
             "policy_rng": self._policy.generator.get_state() if self._policy is not None else None,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
@@ -289,12 +335,15 @@ class ReplayDataModule(pl.LightningDataModule):
             self._policy.generator.set_state(state["policy_rng"])
         if self._collector is not None:  # a fresh episode with a fresh env seed
             self._collector.set_seed(self.hparams.seed + RANK_SEED_OFFSET * self.rank + self._local_steps)
-        self._restore_buffer(state_dict.get("buffer_dump"))
+        self._restore_buffer(state_dict.get("buffer_dump"), state.get("buffer_manifest"))
 
-    def _restore_buffer(self, dump: str | None) -> None:
+    def _restore_buffer(self, dump: str | None, manifest_sha256: str | None) -> None:
         ckpt_path = getattr(self.trainer, "ckpt_path", None)
         source = Path(ckpt_path).parent / dump / f"rank{self.rank}" if dump and ckpt_path else None
         if source is not None and source.is_dir():
+            if source.parent != self.verified_dump and not verify_dump(source, manifest_sha256):
+                rank_zero_warn(f"replay-buffer dump {source} has no manifest (written before dumps had one): "
+                               "loaded unverified")
             self._buffer.loads(source)
             return
         # no buffer dump (not saved, or not beside this checkpoint): refill with `learning_starts` fresh env

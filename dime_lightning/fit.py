@@ -18,22 +18,22 @@ from typing import Any
 import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dime_lightning.callbacks import EnvStepProgressBar, Evaluation, TrainingMonitor
 from dime_lightning.checkpointing import (
     ConfigInCheckpoint,
     EnvStepCheckpoint,
-    check_buffer_beside,
     check_compatible,
-    read_checkpoint,
+    folder_checkpoints,
+    open_for_resume,
     resolve_checkpoint,
 )
 from dime_lightning.compat import datamodule_checkpoint_key
 from dime_lightning.data import ReplayDataModule
 from dime_lightning.distributed import resolve_strategy
-from dime_lightning.errors import NonFiniteError
+from dime_lightning.errors import DiskSpaceError, NonFiniteError
 from dime_lightning.module import DIMEModule
 from dime_lightning.safe_checkpoint import checkpoint_globals
 from dime_lightning.tracking import (
@@ -41,6 +41,7 @@ from dime_lightning.tracking import (
     DIMEMLFlowLogger,
     MLflowRunInfo,
     check_tracking_uri,
+    run_in_store,
     validate_tracking_uri,
 )
 from dime_lightning.tracking_queue import PENDING_GLOB, replay
@@ -55,7 +56,7 @@ TRAINER_DEFAULTS = {
     "accelerator": "auto",
     "devices": 1,
 }
-EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_SIGTERM = 2, 3, 143
+EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_NO_SPACE, EXIT_SIGTERM = 2, 3, 4, 143
 SUPPORTED_PRECISION = ("32", "32-true", "bf16-mixed")
 
 
@@ -159,24 +160,29 @@ class DIMECLI(LightningCLI):
             raise ValueError(f"trainer.precision {precision!r} is not supported: use 32-true or bf16-mixed "
                              "(16-mixed's gradient scaler misbehaves with several optimizers stepped by hand; "
                              "the *-true modes would run the diffusion chain and the entropy bound in low precision)")
-        run_id, self.resume_path, saved_ranks = None, None, 0
+        run_id, self.resume_path, saved_ranks, source = None, None, 0, None
         ckpt_path = self._section(self.config, "ckpt_path")
         resolved = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))
         resolved["mlflow"]["tracking_uri"] = uri
         if ckpt_path:
             dirpath = str(checkpointer.dirpath) if checkpointer.dirpath else None
             found = resolve_checkpoint(ckpt_path, dirpath, uri, matches=lambda saved: _same_run_config(saved, resolved))
-            self.resume_path = found.path
-            checkpoint = read_checkpoint(found.path)
-            check_compatible(checkpoint, found.path, data.obs_dim, data.action_dim)
-            check_buffer_beside(checkpoint, found.path)
+            key = datamodule_checkpoint_key(data)
+            self.resume_path, checkpoint, data.verified_dump = open_for_resume(found, key)  # verified, or older
+            check_compatible(checkpoint, self.resume_path, data.obs_dim, data.action_dim)
             run_id = checkpoint.get("mlflow", {}).get("run_id")
-            saved_ranks = len(checkpoint.get(datamodule_checkpoint_key(data), {}).get("ranks", []))
+            source = {"run_id": run_id, "env_step": checkpoint["dime_counters"].get("env_steps"),
+                      "tracking_uri": (checkpoint.get("dime_config") or {}).get("mlflow", {}).get("tracking_uri")}
+            saved_ranks = len(checkpoint.get(key, {}).get("ranks", []))
             checkpointer.dirpath = checkpointer.dirpath or found.dirpath  # keep writing beside it
             del checkpoint
+        elif checkpointer.dirpath is not None and folder_checkpoints(Path(checkpointer.dirpath)):
+            raise ValueError(f"checkpoint.dirpath {checkpointer.dirpath} already holds the checkpoints of a run: "
+                             "resume it with --ckpt_path last, or give this run an empty folder (runs are never mixed)")
         callbacks.append(ConfigInCheckpoint(resolved))
+        run_info = MLflowRunInfo(resolved, yaml.safe_dump(resolved, sort_keys=False), resumed=bool(run_id))
         if settings.enabled:
-            callbacks.append(MLflowRunInfo(resolved, yaml.safe_dump(resolved, sort_keys=False), resumed=bool(run_id)))
+            callbacks.append(run_info)
         config["strategy"] = resolve_strategy(config.get("strategy"))
         config["logger"] = False  # attached after the checks below: the Trainer must not open the store before
         if config.get("enable_progress_bar", True) is not False:
@@ -191,9 +197,19 @@ class DIMECLI(LightningCLI):
                 f"the checkpoint {self.resume_path} was written by {saved_ranks} process{'es' * (saved_ranks > 1)} "
                 f"(trainer.devices × trainer.num_nodes) but this run has {trainer.world_size}: resume with the same"
             )
+        data.check_capacity(trainer.strategy.root_device, ranks_here=max(1, trainer.world_size // trainer.num_nodes))
+        if trainer.global_rank == 0 and checkpointer.dirpath is not None:
+            checkpointer.hold_folder()  # one writer per run: before the store is opened or anything written
         if settings.enabled:  # last: opening the store (also by constructing the logger) creates an sqlite file
             if rank_zero_only.rank == 0:  # the processes of other ranks (DDP, torchrun) do not touch the store
                 check_tracking_uri(uri)
+                if run_id and not run_in_store(uri, run_id):  # the run was moved to another store: a new run
+                    rank_zero_warn(f"MLflow run {run_id} of the checkpoint {self.resume_path} is not in the store "
+                                   f"{uri} (it was written to {source['tracking_uri']}): continuing in a new run "
+                                   "tagged dime.source_run_id / dime.source_env_step / dime.source_tracking_uri; "
+                                   f"to continue the original run instead, pass --mlflow.tracking_uri "
+                                   f"{source['tracking_uri']}")
+                    run_id, run_info.resumed, run_info.source = None, False, source
                 if run_id and checkpointer.dirpath is not None and any(Path(checkpointer.dirpath).glob(PENDING_GLOB)):
                     replay(Path(checkpointer.dirpath))  # what an earlier process could not deliver goes first
             trainer.logger = DIMEMLFlowLogger(
@@ -238,9 +254,13 @@ def build_cli(args: list[str] | None = None) -> DIMECLI:
 
 def main(args: list[str] | None = None) -> None:
     cli = build_cli(args)
+    checkpointer = next((c for c in cli.trainer.callbacks if isinstance(c, EnvStepCheckpoint)), None)
     try:
         with checkpoint_globals():  # Lightning's own load of the (already checked) checkpoint: weights only
             cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_path, weights_only=True)
+    except DiskSpaceError as err:
+        sys.stderr.write(f"dime_lightning.fit: error: {err} (the MLflow run is FAILED)\n")
+        raise SystemExit(EXIT_NO_SPACE) from err
     except SIGTERMException as err:
         sys.stderr.write("dime_lightning.fit: stopped by SIGTERM (checkpoint written, MLflow run KILLED)\n")
         raise SystemExit(EXIT_SIGTERM) from err
@@ -248,6 +268,9 @@ def main(args: list[str] | None = None) -> None:
         sys.stderr.write(f"dime_lightning.fit: error: {err} (the last good checkpoint is kept; the MLflow run "
                          "is FAILED)\n")
         raise SystemExit(EXIT_NONFINITE) from err
+    finally:
+        if checkpointer is not None:  # the run's writer lock: held until everything, the store included, is done
+            checkpointer.release_folder()
 
 
 if __name__ == "__main__":

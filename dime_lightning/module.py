@@ -10,6 +10,7 @@ precision plugins), logs its diagnostics against env steps and checkpoints its c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -103,8 +104,12 @@ class DIMEModule(pl.LightningModule):
         if not 0.0 < policy_tau <= 1.0:
             raise ValueError(f"model.policy_tau must be in (0, 1], got {policy_tau}")
         for name, value in [("actor_lr", actor_lr), ("critic_lr", critic_lr), ("actor_grad_clip", actor_grad_clip)]:
-            if not value > 0:
-                raise ValueError(f"model.{name} must be > 0, got {value}")
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"model.{name} must be a finite float > 0, got {value}")
+        if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):  # Adam's own check, at start-up
+            raise ValueError(f"model.betas must be two floats in [0, 1) (Adam's β1, β2), got {list(betas)}")
+        if not math.isfinite(critic_entropy_coef):
+            raise ValueError(f"model.critic_entropy_coef must be a finite float, got {critic_entropy_coef}")
         self.save_hyperparameters(ignore=["actor", "critic", "temperature"], logger=False)
         self.automatic_optimization = False
         self.actor = actor(obs_dim, action_dim)

@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from dime_lightning import compare, reference
+from dime_lightning.checkpointing import folder_checkpoints
 from dime_lightning.envs import EnvIdError, check_env_id
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -202,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             name = f"{task.name}-seed{seed}"
             command = fit_command(task, seed, args.overlay, args.experiment, uri, args.workdir, extra)
+            if (args.workdir / name).is_dir() and folder_checkpoints(args.workdir / name):
+                command += ["--ckpt_path", "last"]  # an earlier attempt stopped: continue it, never start over
             if args.dry_run:
                 print(" ".join(command))
             elif name in done:

@@ -81,6 +81,21 @@ def check_tracking_uri(uri: str) -> None:
                 os.environ[key] = value
 
 
+def run_in_store(uri: str, run_id: str) -> bool:
+    """Whether MLflow run ``run_id`` exists in the store at ``uri`` (False for a run moved from another store;
+    ``TrackingError`` when the store cannot answer)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise TrackingError(f"MLflow tracking URI {uri!r}: cannot look up run {run_id}: {err}") from err
+    return True
+
+
 class DIMEMLFlowLogger(MLFlowLogger):
     """``MLFlowLogger`` that continues ``run_id`` when given: the run goes back to RUNNING, and each metric
     drops values at steps it already has, so a resumed run's history stays strictly increasing (the values
@@ -152,10 +167,12 @@ class MLflowRunInfo(Callback):
 
     PACKAGES = ("torch", "torchrl", "tensordict", "lightning", "gymnasium", "mujoco", "mlflow", "dm_control")
 
-    def __init__(self, config: dict[str, Any], config_yaml: str, resumed: bool = False) -> None:
+    def __init__(self, config: dict[str, Any], config_yaml: str, resumed: bool = False,
+                 source: dict[str, Any] | None = None) -> None:
         self.config = config
         self.config_yaml = config_yaml
         self.resumed = resumed
+        self.source = source  # a new run continuing checkpoints of a run in another store: tagged with where from
 
     @rank_zero_only
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -173,6 +190,8 @@ class MLflowRunInfo(Callback):
                 continue
         logger.log_hyperparams(params)
         logger.experiment.log_text(logger.run_id, self.config_yaml, "config.yaml")
+        for key, value in (self.source or {}).items():
+            logger.experiment.set_tag(logger.run_id, f"dime.source_{key}", str(value))
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         logger = trainer.logger
