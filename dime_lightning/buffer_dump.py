@@ -25,7 +25,7 @@ from dime_lightning.errors import DamagedDumpError
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
-METADATA_ALLOWANCE = 1 << 20  # JSON metadata and the sampler/writer state beside the tensor files
+METADATA_ALLOWANCE = 64 << 10  # JSON metadata and the sampler/writer state beside the tensor files
 
 
 def _sha256(path: Path) -> str:

@@ -39,7 +39,8 @@ from dime_lightning.resources import free_bytes, human_bytes, require_memory
 TRANSITION_KEYS = ("observation", "action", ("next", "observation"), ("next", "reward"), ("next", "terminated"))
 EVAL_SEED_OFFSET = 1_000_000
 RANK_SEED_OFFSET = 1_000
-FLOAT_BYTES, BOOL_BYTES = 4, 1  # float32 observations, actions and rewards; a bool `terminated`
+# float32 observations, actions and rewards; a bool `terminated`; the int64 index TensorDictReplayBuffer adds
+FLOAT_BYTES, BOOL_BYTES, INDEX_BYTES = 4, 1, 8
 
 
 class StepToken:
@@ -169,8 +170,9 @@ class ReplayDataModule(pl.LightningDataModule):
         return TensorDictReplayBuffer(storage=storage, batch_size=hp.utd * hp.batch_size)
 
     def transition_bytes(self) -> int:
-        """Bytes one stored transition takes (observation and next observation, action, reward, terminated)."""
-        return (2 * self.obs_dim + self.action_dim + 1) * FLOAT_BYTES + BOOL_BYTES
+        """Bytes one stored transition takes (observation and next observation, action, reward, terminated, and
+        the buffer's index)."""
+        return (2 * self.obs_dim + self.action_dim + 1) * FLOAT_BYTES + BOOL_BYTES + INDEX_BYTES
 
     def check_capacity(self, device: torch.device, ranks_here: int) -> None:
         """Refuse (``ValueError``: exit 2) a replay buffer that this machine could never hold, before anything is

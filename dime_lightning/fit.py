@@ -204,11 +204,12 @@ class DIMECLI(LightningCLI):
             if rank_zero_only.rank == 0:  # the processes of other ranks (DDP, torchrun) do not touch the store
                 check_tracking_uri(uri)
                 if run_id and not run_in_store(uri, run_id):  # the run was moved to another store: a new run
+                    elsewhere = source["tracking_uri"] if source["tracking_uri"] != uri else f"{uri} of another folder"
                     rank_zero_warn(f"MLflow run {run_id} of the checkpoint {self.resume_path} is not in the store "
-                                   f"{uri} (it was written to {source['tracking_uri']}): continuing in a new run "
-                                   "tagged dime.source_run_id / dime.source_env_step / dime.source_tracking_uri; "
-                                   f"to continue the original run instead, pass --mlflow.tracking_uri "
-                                   f"{source['tracking_uri']}")
+                                   f"{uri} (it was tracked in {elsewhere}): continuing in a new run tagged "
+                                   "dime.source_run_id, dime.source_env_step and dime.source_tracking_uri. To continue "
+                                   "the original run instead, stop this one and pass --mlflow.tracking_uri with the "
+                                   "original store's URI")
                     run_id, run_info.resumed, run_info.source = None, False, source
                 if run_id and checkpointer.dirpath is not None and any(Path(checkpointer.dirpath).glob(PENDING_GLOB)):
                     replay(Path(checkpointer.dirpath))  # what an earlier process could not deliver goes first
