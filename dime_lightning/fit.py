@@ -96,14 +96,27 @@ def _config_files(argv: list[str]) -> list[str]:
 
 class DIMECLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse as LightningCLI does; on a parse error, also name the config file that causes it."""
+        """Parse as LightningCLI does; on a parse error, also name the config file that causes it (or the value
+        that is not a finite float)."""
+        argv = list(args) if isinstance(args, list | tuple) else sys.argv[1:]
+        for path in _config_files(argv):  # before jsonargparse reads them: its decode error names no file
+            try:
+                Path(path).read_bytes().decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"config file {path} is not UTF-8 text (a binary file?): {err}") from None
+            except OSError:
+                pass  # a missing file: jsonargparse's own message names it
         try:
             super().parse_arguments(parser, args)
         except SystemExit as exit_:
-            argv = list(args) if isinstance(args, list | tuple) else sys.argv[1:]
             culprit = self._failing_config_file(parser, argv) if exit_.code else None
             if culprit is not None:
                 sys.stderr.write(f"dime_lightning.fit: error: the problem above is in the config file {culprit}\n")
+            values = [arg.split("=", 1)[-1] if arg.startswith("--") else arg for arg in argv]
+            nonfinite = [value for value in values if value.strip().lower().lstrip("+-.") in ("nan", "inf", "infinity")]
+            if exit_.code and nonfinite:
+                sys.stderr.write(f"dime_lightning.fit: error: {nonfinite[0]} is not a finite float: every float "
+                                 "setting must be a finite float\n")
             raise
 
     @staticmethod
