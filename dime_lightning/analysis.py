@@ -51,8 +51,12 @@ class LoadedPolicy:
         return type(self.actor).__name__.replace("TanhGaussianActor", "Gaussian").replace("DiffusionActor", "DIME")
 
 
+# the project's actors under every name a stored config uses (jsonargparse stores the package-level export)
 ACTOR_CLASSES: dict[str, type[nn.Module]] = {
-    f"{cls.__module__}.{cls.__qualname__}": cls for cls in (DiffusionActor, TanhGaussianActor)}
+    "dime_lightning.DiffusionActor": DiffusionActor,
+    "dime_lightning.actor.DiffusionActor": DiffusionActor,
+    "dime_lightning.gaussian.TanhGaussianActor": TanhGaussianActor,
+}
 PLAIN_VALUES = (bool, int, float, str, type(None))
 
 

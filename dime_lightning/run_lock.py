@@ -74,6 +74,9 @@ class RunLock:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
+    def __del__(self) -> None:  # a fit built in-process and dropped (benchmarks, notebooks) frees its folder
+        self.release()
+
 
 def _read_holder(fd: int) -> str:
     try:
