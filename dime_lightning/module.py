@@ -108,8 +108,8 @@ class DIMEModule(pl.LightningModule):
                 raise ValueError(f"model.{name} must be a finite float > 0, got {value}")
         if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):  # Adam's own check, at start-up
             raise ValueError(f"model.betas must be two floats in [0, 1) (Adam's β1, β2), got {list(betas)}")
-        if not math.isfinite(critic_entropy_coef):
-            raise ValueError(f"model.critic_entropy_coef must be a finite float, got {critic_entropy_coef}")
+        if not (math.isfinite(critic_entropy_coef) and critic_entropy_coef >= 0):
+            raise ValueError(f"model.critic_entropy_coef must be a finite float >= 0, got {critic_entropy_coef}")
         self.save_hyperparameters(ignore=["actor", "critic", "temperature"], logger=False)
         self.automatic_optimization = False
         self.actor = actor(obs_dim, action_dim)

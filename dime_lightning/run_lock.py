@@ -16,6 +16,7 @@ which the refusal has to name; hence these few lines.
 from __future__ import annotations
 
 import fcntl
+import gc
 import json
 import os
 import socket
@@ -39,10 +40,6 @@ class RunLock:
         self.path = self.folder / LOCK_NAME
         self._fd: int | None = None
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def acquire(self) -> RunLock:
         """Take the lock, or raise ``RunLockedError`` naming the process that holds it. Idempotent."""
         if self._fd is not None:
@@ -50,21 +47,22 @@ class RunLock:
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise RunLockedError(
-                f"checkpoint folder {self.folder} is being written by another process ({holder}); one run has one "
-                "writer: wait for it to end (or stop it), then resume with --ckpt_path last, or give this run "
-                "another --checkpoint.dirpath") from None
+            locked = _try_lock(fd)
+            if not locked and _holder(fd).get("pid") == os.getpid():
+                gc.collect()  # held by an unreachable fit object of this very process (a notebook, a benchmark)
+                locked = _try_lock(fd)
+            if not locked:
+                raise RunLockedError(
+                    f"checkpoint folder {self.folder} is being written by {_describe(_holder(fd))}; one run has one "
+                    "writer: wait for it to end (or stop it), then resume with --ckpt_path last, or give this run "
+                    "another --checkpoint.dirpath")
+            record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record, 0)
         except BaseException:
             os.close(fd)
             raise
-        record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record, 0)
         self._fd = fd
         return self
 
@@ -78,9 +76,24 @@ class RunLock:
         self.release()
 
 
-def _read_holder(fd: int) -> str:
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _holder(fd: int) -> dict:
     try:
         info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return f"host {info['host']}, pid {info['pid']}, since {info['started']}"
-    except (ValueError, KeyError, OSError):  # the holder is between taking the lock and writing its record
-        return "holder not recorded yet"
+    except (ValueError, OSError):  # the holder is between taking the lock and writing its record
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _describe(info: dict) -> str:
+    if not {"host", "pid", "started"} <= set(info):
+        return "another process (holder not recorded yet)"
+    who = "another fit object of this process" if info["pid"] == os.getpid() else "another process"
+    return f"{who} (host {info['host']}, pid {info['pid']}, since {info['started']})"
