@@ -54,7 +54,8 @@ def copy_run(finished: Path, tmp_path: Path) -> Path:
 # ---- one writer per run ----------------------------------------------------------------------------------
 def test_a_second_lock_on_a_folder_is_refused_naming_the_holder(tmp_path):
     held = RunLock(tmp_path).acquire()
-    with pytest.raises(RunLockedError, match=rf"another fit object of this process \(host \S+, pid {os.getpid()}, since"):
+    holder = rf"another fit object of this process \(host \S+, pid {os.getpid()}, since"
+    with pytest.raises(RunLockedError, match=holder):
         RunLock(tmp_path).acquire()
     held.release()
     RunLock(tmp_path).acquire().release()  # free again once released
