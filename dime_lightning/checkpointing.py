@@ -157,7 +157,11 @@ class EnvStepCheckpoint(Callback):
         interrupted = isinstance(exception, SIGTERMException) or (
             isinstance(exception, KeyboardInterrupt) and trainer.world_size == 1)
         if interrupted and self.dirpath is not None:
-            path = self.save(trainer, pl_module)
+            try:
+                path = self.save(trainer, pl_module)
+            except DiskSpaceError as err:  # the stop goes on (run KILLED, records flushed); the last checkpoint stays
+                rank_zero_info(f"\nStopped at env step {pl_module.env_steps} without a checkpoint: {err}")
+                return
             rank_zero_info(f"\nStopped at env step {pl_module.env_steps}; checkpoint {path}. "
                            "Resume with the same config and --ckpt_path last")
         elif isinstance(exception, KeyboardInterrupt) and self.dirpath is not None:
