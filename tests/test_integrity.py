@@ -284,3 +284,21 @@ def test_a_run_stopped_before_its_first_checkpoint_is_explained(tmp_path, monkey
     err = resume_error(tmp_path, monkeypatch, capsys, "--ckpt_path", "last")
     assert "stopped before its first checkpoint" in err and "0123456789abcdef0123456789abcdef" in err
 
+
+
+def test_a_stop_signal_on_a_full_disk_still_stops_cleanly(tmp_path, monkeypatch, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from dime_lightning.checkpointing import EnvStepCheckpoint
+
+    def full(self, trainer, pl_module):
+        raise DiskSpaceError(f"not enough disk space in {tmp_path}")
+
+    monkeypatch.setattr(EnvStepCheckpoint, "save", full)
+    checkpointer = EnvStepCheckpoint(dirpath=str(tmp_path))
+    with caplog.at_level(logging.INFO):  # no exception: Lightning goes on to mark the run KILLED and flush it
+        checkpointer.on_exception(SimpleNamespace(world_size=1), SimpleNamespace(env_steps=42), SIGTERMException())
+    assert f"Stopped at env step 42 without a checkpoint: not enough disk space in {tmp_path}" in caplog.text
