@@ -79,3 +79,19 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "paper_size_critic2048/none" in summary and "Real fit loop (none, cpu)" in summary
     assert (tmp_path / "jax.json").exists() or (tmp_path / "jax_skipped.txt").exists()
+
+
+def test_dump_verify_benchmark_tiny(tmp_path):
+    out = tmp_path / "dump_verify.json"
+    assert load("dump_verify").main(["--transitions", "500", "--dir", str(tmp_path), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["dump_mib"] * 2**20 >= 500 * ((2 * 105 + 8 + 1) * 4 + 1)  # every transition was written
+    assert result["write_manifest_s"] >= 0 and result["verify_dump_s"] >= 0
+
+
+def test_soak_benchmark_tiny(tmp_path):
+    out = tmp_path / "soak.json"
+    assert load("soak").main(["--env-steps", "300", "--every", "1", "--checkpoint-every", "150", "--eval-every",
+                              "150", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["samples"] and all(s["open_fds"] > 0 and s["rss_mib"] > 0 for s in result["samples"])
