@@ -211,11 +211,12 @@ class DIMECLI(LightningCLI):
                 f"(trainer.devices × trainer.num_nodes) but this run has {trainer.world_size}: resume with the same"
             )
         data.check_capacity(trainer.strategy.root_device, ranks_here=max(1, trainer.world_size // trainer.num_nodes))
+        if settings.enabled and rank_zero_only.rank == 0:  # other ranks' processes (DDP, torchrun) leave the store
+            check_tracking_uri(uri)  # last of the checks: opening the store creates an sqlite file
         if trainer.global_rank == 0 and checkpointer.dirpath is not None:
-            checkpointer.hold_folder()  # one writer per run: before the store is opened or anything written
-        if settings.enabled:  # last: opening the store (also by constructing the logger) creates an sqlite file
-            if rank_zero_only.rank == 0:  # the processes of other ranks (DDP, torchrun) do not touch the store
-                check_tracking_uri(uri)
+            checkpointer.hold_folder()  # one writer per run: before the run's folder or MLflow run is written
+        if settings.enabled:
+            if rank_zero_only.rank == 0:
                 if run_id and not run_in_store(uri, run_id):  # the run was moved to another store: a new run
                     elsewhere = source["tracking_uri"] if source["tracking_uri"] != uri else f"{uri} of another folder"
                     rank_zero_warn(f"MLflow run {run_id} of the checkpoint {self.resume_path} is not in the store "
