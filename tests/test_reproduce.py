@@ -62,3 +62,12 @@ def test_all_dmc_is_the_fifteen_published_tasks_with_seeds_and_passthrough(tmp_p
     assert len(lines) == 30 and all(line.endswith("--trainer.accelerator gpu") for line in lines)
     assert sum("--seed_everything 4 " in line for line in lines) == 15
     assert any("dmc_dog_run.yaml" in line and "--mlflow.run_name dmc_dog_run-seed3" in line for line in lines)
+
+
+def test_a_seed_whose_folder_holds_checkpoints_is_resumed_not_restarted(tmp_path, capsys):
+    (tmp_path / "runs" / "pendulum-seed0").mkdir(parents=True)
+    (tmp_path / "runs" / "pendulum-seed0" / "last.ckpt").write_bytes(b"")  # an earlier attempt's checkpoint
+    assert reproduce.main(["--tasks", "pendulum", "--seeds", "2", "--workdir", str(tmp_path / "runs"),
+                           "--reference", "none", "--dry-run"]) == 0
+    seed0, seed1 = capsys.readouterr().out.strip().splitlines()
+    assert seed0.endswith("--ckpt_path last") and "--ckpt_path" not in seed1
