@@ -226,7 +226,7 @@ def test_a_full_disk_stops_the_run_clearly_and_keeps_the_last_checkpoint(tmp_pat
         pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN); "
                     "test_require_free_space_names_the_folder_and_the_need covers the check")
     try:
-        process = start(tmp_path, "--data.total_env_steps", "3000", "--checkpoint.every_env_steps", "500")
+        process = start(tmp_path, "--data.total_env_steps", "3000", "--checkpoint.every_env_steps", "300")
         wait_for(folder / "last.ckpt", process)
         free = shutil.disk_usage(folder).free
         subprocess.run(["fallocate", "-l", str(free - 150_000), str(folder / "filler")], check=True)
@@ -234,11 +234,11 @@ def test_a_full_disk_stops_the_run_clearly_and_keeps_the_last_checkpoint(tmp_pat
         log = next(tmp_path.glob("log-*.txt")).read_text()
         assert f"not enough disk space in {folder}" in log and "it needs about" in log
         assert sorted(p.name for p in folder.iterdir()) == [
-            ".writer.lock", "filler", "last.ckpt", "step-0000000500.buffer", "step-0000000500.ckpt"]
+            ".writer.lock", "filler", "last.ckpt", "step-0000000300.buffer", "step-0000000300.ckpt"]
         row = only_run(tmp_path)
         assert row.status == "FAILED" and "not enough disk space" in row["tags.error"]
         (folder / "filler").unlink()
-        result = run(tmp_path, "--data.total_env_steps", "1000", "--checkpoint.every_env_steps", "500",
+        result = run(tmp_path, "--data.total_env_steps", "600", "--checkpoint.every_env_steps", "300",
                      "--ckpt_path", "last")
         assert result.returncode == 0, result.stderr[-3000:]
         assert only_run(tmp_path).status == "FINISHED"
