@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -12,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def load(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # a script's dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -95,3 +97,60 @@ def test_soak_benchmark_tiny(tmp_path):
                               "150", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["samples"] and all(s["open_fds"] > 0 and s["rss_mib"] > 0 for s in result["samples"])
+
+
+def _paper_task_runs(uri: str, curves: dict[str, dict[int, list[float]]]) -> None:
+    """DIME runs named as the benchmark names them: env id → seed → returns at 24k, 48k and 72k env steps."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    for env_id, seeds in curves.items():
+        experiment_id = client.create_experiment(env_id)
+        for seed, values in seeds.items():
+            run = client.create_run(experiment_id, run_name=f"cpu-seed{seed}")
+            for key, value in (("model.actor.class_path", "dime_lightning.actor.DiffusionActor"),
+                               ("data.env_id", env_id), ("seed_everything", str(seed))):
+                client.log_param(run.info.run_id, key, value)
+            for step, value in zip((24_000, 48_000, 72_000), values, strict=True):
+                client.log_metric(run.info.run_id, "eval/return_mean", value, step=step)
+            client.set_terminated(run.info.run_id)
+
+
+def test_paper_tasks_report_sets_each_seed_beside_the_published_band(tmp_path):
+    bench = load("paper_tasks_cpu")
+    uri = f"sqlite:///{tmp_path / 'bench.db'}"
+    _paper_task_runs(uri, {"dm_control/cheetah-run": {0: [50.0, 300.0, 500.0], 1: [60.0, 100.0, 400.0]},
+                           "dm_control/pendulum-swingup": {0: [0.0, 20.0, 700.0]}})
+    tables = bench.report(uri, tmp_path / "results", reps=200)
+    data = json.loads((tmp_path / "results" / "paper_tasks_cpu.json").read_text())
+    assert data == {"dm_control/cheetah-run": {"0": [[24000, 50.0], [48000, 300.0], [72000, 500.0]],
+                                               "1": [[24000, 60.0], [48000, 100.0], [72000, 400.0]]},
+                    "dm_control/pendulum-swingup": {"0": [[24000, 0.0], [48000, 20.0], [72000, 700.0]]}}
+    for stem in ("dmc_cheetah_run", "dmc_pendulum_swingup"):
+        assert (tmp_path / "results" / f"paper_tasks_cpu_{stem}.png").stat().st_size > 0
+    # published cheetah-run at 48k: mean 314.7, min 181.6, max 426.8; seed 1's 100.0 lies below the band
+    assert "| 48,000 | 200.0 (n=2) | 314.7 | [181.6, 426.8] |" in tables and "| **no** |" in tables
+    assert "| 72,000 | 700.0 (n=1) | 815.4 | [718.6, 894.8] |" in tables  # pendulum-swingup, below the band
+    rows = bench.task_rows("cheetah-run", data["dm_control/cheetah-run"], reps=200)
+    assert [row["in_band"] for row in rows] == [True, False, True] and rows[1]["seeds"] == 2
+    rows = bench.task_rows("pendulum-swingup", data["dm_control/pendulum-swingup"], reps=200)
+    assert [row["in_band"] for row in rows] == [True, True, False]
+
+
+def test_paper_tasks_launch_resumes_a_folder_with_checkpoints_and_skips_finished_runs(tmp_path, capsys):
+    bench = load("paper_tasks_cpu")
+    uri, runs = f"sqlite:///{tmp_path / 'bench.db'}", tmp_path / "runs"
+    _paper_task_runs(uri, {"dm_control/cheetah-run": {1: [50.0, 300.0, 500.0]}})  # seed 1 FINISHED
+    (runs / "dmc_pendulum_swingup-seed0").mkdir(parents=True)
+    (runs / "dmc_pendulum_swingup-seed0" / "step-0000008000.ckpt").write_bytes(b"")  # a checkpoint: resume
+    lines = bench.launch(["cheetah-run:0", "cheetah-run:1", "pendulum-swingup:0"], [], True, uri, runs)
+    fresh, finished, resumed = lines
+    assert "--config" in fresh and "dmc_cheetah_run.yaml" in fresh and "--data.total_env_steps 48000" in fresh
+    assert "--seed_everything 0 --mlflow.run_name cpu-seed0" in fresh and "--ckpt_path" not in fresh
+    assert finished.startswith("cheetah-run:1 FINISHED") and "skipped" in finished
+    assert resumed.endswith("--ckpt_path last") and "--data.total_env_steps 96000" in resumed
+    assert not list(runs.glob("*.log"))  # a dry run starts nothing
+    assert bench.main(["launch", "cheetah-run:x"]) == 2
+    assert "expected <task>:<seed>" in capsys.readouterr().err
+    assert bench.main(["launch", "cheetah-run:0", "--cpus", "0", "1", "--dry-run"]) == 2
+    assert "--cpus names 2 cores for 1 runs" in capsys.readouterr().err

@@ -125,20 +125,3 @@ def test_reference_for_a_task_without_published_curves_exits_2(tracking_uri, tmp
     err = capsys.readouterr().err
     assert "no 'paper' reference for env id 'Pendulum-v1'" in err and "dmc_pendulum_swingup" in err
     assert not (tmp_path / "x.png").exists()
-
-
-def test_dmc_pendulum_benchmark_table_sets_published_points_beside_the_run(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dmc_pendulum.py"
-    spec = importlib.util.spec_from_file_location("dmc_pendulum", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    uri = f"sqlite:///{tmp_path / 'bench.db'}"
-    _dmc_runs(uri, "dm_control/pendulum-swingup", {"dm_control/pendulum-swingup": [10.0, 300.0, 700.0]}, seeds=1)
-    result = module.build(uri, tmp_path / "bench.png", reps=200)
-    assert (tmp_path / "bench.png").stat().st_size > 0 and (tmp_path / "bench.json").is_file()
-    at_72k = next(row for row in result["rows"] if row["env_steps"] == 72_000)
-    assert at_72k["return_mean"] == 700.0 and at_72k["paper_mean"] == pytest.approx(PAPER_72K)
-    assert "| 72,000 | 700.0 (n=1) | 72,000 | 815.4 ± 51.3 |" in module.markdown(result)
