@@ -17,7 +17,8 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["dime_lightning", "dime_lightning.*"]),
     include_package_data=True,
-    package_data={"dime_lightning": ["reference_data/*.csv", "reference_data/*.md"]},
+    # the task configs (a checkout's conf/ links to dime_lightning/conf): `--config conf/ant.yaml` works installed
+    package_data={"dime_lightning": ["reference_data/*.csv", "reference_data/*.md", "conf/*.yaml", "conf/base/*.yaml"]},
     install_requires=[
         # Install the CPU build first on machines without CUDA: `pip install torch==2.13.0`. Tested with 2.13 only
         # (the build on the project's machines); older releases are not tested.

@@ -31,6 +31,7 @@ from dime_lightning.checkpointing import (
     resolve_checkpoint,
 )
 from dime_lightning.compat import datamodule_checkpoint_key
+from dime_lightning.configs import resolve_config_args
 from dime_lightning.data import ReplayDataModule
 from dime_lightning.distributed import resolve_strategy
 from dime_lightning.errors import DiskSpaceError, NonFiniteError
@@ -250,6 +251,7 @@ def _same_run_config(saved: dict[str, Any], current: dict[str, Any]) -> bool:
 
 def build_cli(args: list[str] | None = None) -> DIMECLI:
     """Parse, validate and instantiate everything (no training). Bad input raises SystemExit with a message."""
+    args = resolve_config_args(sys.argv[1:] if args is None else list(args))  # conf/<name>: packaged if not here
     try:
         return DIMECLI(
             DIMEModule,

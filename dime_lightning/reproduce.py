@@ -5,7 +5,7 @@ published curves (IQM with stratified-bootstrap 95 % CIs, per task and over the 
     python -m dime_lightning.reproduce --tasks dmc_pendulum_swingup dmc_cheetah_run --seeds 3
     python -m dime_lightning.reproduce --tasks dm_control/pendulum-swingup --seeds 1 --overlay conf/smoke.yaml
 
-A task is a config stem in ``conf/`` (``dmc_cheetah_run``, ``ant``), an env id whose config is there
+A task is a config stem of the packaged ``conf/`` (``dmc_cheetah_run``, ``ant``), an env id whose config is there
 (``dm_control/cheetah-run``), a YAML path, or ``all-dmc`` (the 15 DMC configs of the published data). Each
 (task, seed) is one ``python -m dime_lightning.fit`` process named ``<task>-seed<seed>`` in the experiment
 (``--experiment``, default ``dime-reproduce``), with its log and checkpoints under ``--workdir``; ``--parallel
@@ -31,9 +31,9 @@ import yaml
 
 from dime_lightning import compare, reference
 from dime_lightning.checkpointing import folder_checkpoints
+from dime_lightning.configs import CONF_DIR
 from dime_lightning.envs import EnvIdError, check_env_id
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 ALL_DMC = "all-dmc"
 DEFAULT_EXPERIMENT = "dime-reproduce"
 
@@ -58,7 +58,7 @@ def _env_id(config: Path) -> str:
     return env_id
 
 
-def dmc_configs(conf: Path = CONF) -> list[Path]:
+def dmc_configs(conf: Path = CONF_DIR) -> list[Path]:
     """The DMC task configs in ``conf`` that have a published reference.
 
     conf: the config folder."""
@@ -72,7 +72,7 @@ def dmc_configs(conf: Path = CONF) -> list[Path]:
     return found
 
 
-def resolve_tasks(names: list[str], conf: Path = CONF) -> list[Task]:
+def resolve_tasks(names: list[str], conf: Path = CONF_DIR) -> list[Task]:
     """Tasks for config stems, env ids, YAML paths or ``all-dmc``; ``ReproduceError`` for an unknown name.
 
     names: the ``--tasks`` values.

@@ -47,15 +47,7 @@ def test_every_shipped_dmc_config_maps_to_a_reference_task():
     assert len(tasks) == 15 and "dmc_acrobot" in tasks and "dmc_finger_turn" in tasks
     assert reference.reference_task("dm_control/finger-turn_hard").note  # the easy/hard assumption is labelled
     assert reference.reference_task("dm_control/cheetah-run").note == ""
-    for path in DMC_CONFIGS:
-        config = yaml.safe_load(path.read_text())
-        long_run = path.stem in ("dmc_dog_run", "dmc_humanoid_run")
-        assert config["data"]["total_env_steps"] == (3_000_000 if long_run else 1_000_000), path.name
-        critic = config["model"]["critic"]["init_args"]
-        assert (critic["v_min"], critic["v_max"], critic["num_atoms"]) == (-200.0, 200.0, 101), path.name
-        assert critic["hidden_dims"] == [2048, 2048] and critic["brn_warmup_steps"] == 100_000, path.name
-        assert config["model"]["actor"]["init_args"]["num_steps"] == 16 and config["data"]["learning_starts"] == 5000
-        assert (config["eval"]["every_env_steps"], config["eval"]["episodes"]) == (24_000, 5), path.name
+    # their resolved settings against the published ones: tests/test_configs.py
 
 
 @pytest.mark.skipif(importlib.util.find_spec("dm_control") is None, reason="needs the dmc extra")

@@ -1,0 +1,46 @@
+"""The task configs that ship with the package, and how a ``--config`` path names them.
+
+The configs live in ``dime_lightning/conf`` (installed with the package; a checkout's top-level ``conf/`` is a
+link to it): per benchmark family a base under ``conf/base/`` (``paper.yaml`` holds the settings shared by every
+published task, ``dmc.yaml`` and ``gym_mujoco.yaml`` add the family's value support and evaluation cadence), and
+per task a small file that includes its family (``config: base/dmc.yaml``) and adds its env id and run length.
+
+``--config conf/ant.yaml`` reads ``./conf/ant.yaml`` when that file exists (a checkout, or a user's own folder),
+else the packaged ``ant.yaml``: the README's commands work after ``pip install`` from any folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+PREFIX = "conf/"
+
+
+def resolve_config_path(path: str) -> str:
+    """``path`` itself when it exists; else ``conf/<name>`` → the packaged config of that name; else ``path``
+    unchanged (the parser's error then names it).
+
+    path: a ``--config`` value."""
+    if Path(path).exists() or not path.startswith(PREFIX):
+        return path
+    packaged = CONF_DIR / path[len(PREFIX):]
+    return str(packaged) if packaged.is_file() and CONF_DIR in packaged.resolve().parents else path
+
+
+def resolve_config_args(argv: list[str]) -> list[str]:
+    """``argv`` with every ``--config`` value passed through ``resolve_config_path``.
+
+    argv: command-line arguments (``--config X`` and ``--config=X`` forms)."""
+    out = list(argv)
+    for index, arg in enumerate(out):
+        if arg == "--config" and index + 1 < len(out):
+            out[index + 1] = resolve_config_path(out[index + 1])
+        elif arg.startswith("--config="):
+            out[index] = "--config=" + resolve_config_path(arg.split("=", 1)[1])
+    return out
+
+
+def task_configs() -> list[Path]:
+    """The packaged task configs (``conf/*.yaml``: tasks and overlays; the family bases are not tasks)."""
+    return sorted(CONF_DIR.glob("*.yaml"))
