@@ -64,6 +64,10 @@ setup(
         "video": VIDEO,
         # dm_control 1.0.50 is the version tested with mujoco 3.17 (the newest MuJoCo below 4, see above).
         "dmc": ["dm_control>=1.0.50,<1.1"],
+        # MyoSuite's hand tasks (conf/myo_*.yaml). myosuite 3.0.0 requires gymnasium<1.3: with this extra pip
+        # resolves gymnasium 1.2.3 (and websockets<17 for its viewer) instead of 1.4; the whole test suite passes on
+        # both. myo-sim 0.2.3 (the models, from the package index) needs mujoco>=3.4; nothing is downloaded at run time.
+        "myo": ["myosuite==3.0.0"],
     },
     entry_points={"console_scripts": ["dime-fit=dime_lightning.fit:main"]},
     classifiers=[

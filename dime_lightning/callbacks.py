@@ -26,7 +26,8 @@ from tensordict.nn import TensorDictModule
 
 from dime_lightning.checkpointing import EnvStepCheckpoint
 from dime_lightning.data import EVAL_SEED_OFFSET
-from dime_lightning.envs import make_env
+from dime_lightning.envs import SUCCESS_KEY, make_env
+from dime_lightning.reference import SUCCESS_METRIC
 from dime_lightning.video import EpisodeRecorder, check_video, records_video, video_name
 
 
@@ -39,7 +40,10 @@ def _log(trainer: pl.Trainer, metrics: dict[str, float], env_steps: int) -> None
 
 class Evaluation(Callback):
     """Every ``every_env_steps`` env steps and at the end: ``episodes`` episodes with stochastic actions (the
-    reference evaluates stochastic samples) on an env that is not the training env. Rank 0 only.
+    reference evaluates stochastic samples) on an env that is not the training env. Rank 0 only. Logs
+    ``eval/return_mean``, ``eval/return_std``, ``eval/episode_length`` and, for envs that report success
+    (MyoSuite's ``solved``), ``eval/success_rate``: the share of episodes in which success was reported at
+    least once (every published MyoSuite value is such a share of 5 episodes: a multiple of 0.2).
 
     With ``video``, the first episode of some evaluations is rendered off-screen into an H.264 MP4
     ``<checkpoint.dirpath>/videos/env_step_<env steps, 9 digits>.mp4``, logged as the MLflow artifact
@@ -107,7 +111,7 @@ class Evaluation(Callback):
             return
         data = trainer.datamodule
         if self._env is None:
-            self._env = make_env(data.hparams.env_id, seed=data.hparams.seed + EVAL_SEED_OFFSET)
+            self._env = make_env(data.hparams.env_id, seed=data.hparams.seed + EVAL_SEED_OFFSET, success=True)
         recorder = None
         final = final or steps >= data.hparams.total_env_steps  # the periodic evaluation may be the last one
         if self.video and records_video(steps, self.every_env_steps, self.video_every, final):
@@ -121,21 +125,25 @@ class Evaluation(Callback):
             return actor.act(obs.to(device)).cpu()
 
         policy = TensorDictModule(act, ["observation"], ["action"])
-        returns, lengths = [], []
+        returns, lengths, successes = [], [], []
         started = time.perf_counter()
         for _ in range(self.episodes):
             rollout = self._env.rollout(self.max_episode_steps, policy, break_when_any_done=True)
             returns.append(float(rollout["next", "reward"].sum()))
             lengths.append(rollout.shape[0])
+            if SUCCESS_KEY in rollout["next"].keys():  # an episode succeeds when the env reports success once
+                successes.append(float(rollout["next", SUCCESS_KEY].any()))
             if recorder is not None:
                 recorder.capture()  # the last state
                 _publish(trainer, recorder, steps)
                 recorder = None  # one episode per video
         mean = sum(returns) / len(returns)
         std = math.sqrt(sum((r - mean) ** 2 for r in returns) / len(returns))
-        _log(trainer, {"eval/return_mean": mean, "eval/return_std": std,
-                       "eval/episode_length": sum(lengths) / len(lengths),
-                       "time/eval_seconds": time.perf_counter() - started}, steps)
+        metrics = {"eval/return_mean": mean, "eval/return_std": std, "eval/episode_length": sum(lengths) / len(lengths),
+                   "time/eval_seconds": time.perf_counter() - started}
+        if successes:
+            metrics[SUCCESS_METRIC] = sum(successes) / len(successes)
+        _log(trainer, metrics, steps)
 
 
 def _video_dir(trainer: pl.Trainer) -> Path:

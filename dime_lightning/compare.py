@@ -13,7 +13,9 @@ last point) and adds them to the table, at the published step nearest to your la
 step; a version mismatch (Gym v3 in the paper, Gymnasium v5 here) is written on the plot and in the table.
 With several DMC tasks in one experiment the table ends with the IQM over runs × tasks of normalised scores
 (return / 1000). The table lists per group: runs, the env step of the final value, the final value (mean ± std
-across runs), IQM and CI, and the mean wall time.
+across runs), IQM and CI, and the mean wall time. Without ``--metric`` each task is read on the metric its
+published curves measure (``reference.published_metric``): the success rate for the MyoSuite hand tasks, the
+evaluation return everywhere else.
 """
 
 from __future__ import annotations
@@ -117,23 +119,40 @@ def reference_matches(runs: pd.DataFrame, source: str) -> dict[str, reference.Re
         raise CompareError(str(err)) from err
 
 
-def metric_histories(runs: pd.DataFrame, metric: str, tracking_uri: str) -> dict[str, pd.Series]:
+def task_metrics(runs: pd.DataFrame, metric: str | None) -> dict[str, str]:
+    """task → the metric its runs are read on: ``metric`` for every task, or with None each task's published one.
+
+    runs: runs from ``find_runs``.
+    metric: an MLflow metric key, or None."""
+    return {task: metric or reference.published_metric(task) for task in sorted(runs.task.unique())}
+
+
+def metric_label(metrics: dict[str, str]) -> str:
+    """The metric's name when every task uses the same one, else ``score`` (the table's column name).
+
+    metrics: task → metric, from ``task_metrics``."""
+    names = set(metrics.values())
+    return names.pop() if len(names) == 1 else "score"
+
+
+def metric_histories(runs: pd.DataFrame, metric: str | dict[str, str], tracking_uri: str) -> dict[str, pd.Series]:
     """run id → the metric's values indexed by env step.
 
     runs: runs from ``find_runs``.
-    metric: MLflow metric key, e.g. ``eval/return_mean``.
+    metric: MLflow metric key, e.g. ``eval/return_mean``, or task → key (``task_metrics``).
     tracking_uri: MLflow tracking URI."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
     histories = {}
-    for run_id in runs.run_id:
-        points = client.get_metric_history(run_id, metric)
+    for run_id, task in zip(runs.run_id, runs.task, strict=True):
+        points = client.get_metric_history(run_id, metric if isinstance(metric, str) else metric[task])
         if points:
             histories[run_id] = pd.Series({m.step: m.value for m in points}).sort_index()
     if not histories:
         available = sorted({c[len("metrics."):] for c in runs.columns if c.startswith("metrics.")})
-        raise CompareError(f"unknown metric {metric!r} in these runs; available: {available}")
+        wanted = metric if isinstance(metric, str) else sorted(set(metric.values()))
+        raise CompareError(f"unknown metric {wanted!r} in these runs; available: {available}")
     return histories
 
 
@@ -276,14 +295,15 @@ def plot_aggregate(table: pd.DataFrame, ax) -> None:
     ax.grid(alpha=0.3)
 
 
-def plot_comparison(curves: list[GroupCurve], references: list[GroupCurve], metric: str, experiment: str,
+def plot_comparison(curves: list[GroupCurve], references: list[GroupCurve], metric: str | dict[str, str],
+                    experiment: str,
                     table: pd.DataFrame | None = None):
     """One row per task: mean and min–max band (left), IQM and 95 % CI (right), references beside the runs;
     a last row with the cross-task aggregate when ``table`` has one.
 
     curves: the runs' curves.
     references: published curves (may be empty).
-    metric: y-axis label.
+    metric: y-axis label, or task → label.
     experiment: the experiment name, for the titles.
     table: the summary table, or None."""
     import matplotlib.pyplot as plt
@@ -295,8 +315,9 @@ def plot_comparison(curves: list[GroupCurve], references: list[GroupCurve], metr
     for row, task in enumerate(tasks):
         shown = [c for c in curves if c.task == task] + [r for r in references if r.task == task]
         name = task if task == experiment else f"{experiment}: {task}"
-        plot_curves(shown, metric, f"{name}: mean and min–max over runs", axes[row, 0])
-        plot_curves(shown, metric, f"{name}: IQM over runs, stratified-bootstrap 95% CI", axes[row, 1], iqm=True)
+        label = metric if isinstance(metric, str) else metric[task]
+        plot_curves(shown, label, f"{name}: mean and min–max over runs", axes[row, 0])
+        plot_curves(shown, label, f"{name}: IQM over runs, stratified-bootstrap 95% CI", axes[row, 1], iqm=True)
     if has_aggregate:
         plot_aggregate(table, axes[-1, 0])
         axes[-1, 1].axis("off")
@@ -304,13 +325,13 @@ def plot_comparison(curves: list[GroupCurve], references: list[GroupCurve], metr
     return fig
 
 
-def compare(experiment: str, metric: str = "eval/return_mean", group_by: str = DEFAULT_GROUP,
+def compare(experiment: str, metric: str | None = None, group_by: str = DEFAULT_GROUP,
             tracking_uri: str = DEFAULT_TRACKING_URI, out: Path | None = None, reference_source: str | None = None,
             reps: int = aggregates.DEFAULT_REPS):
     """Find, group, aggregate and plot; returns (curves, summary table, figure).
 
     experiment: MLflow experiment name.
-    metric: MLflow metric key.
+    metric: MLflow metric key, or None for each task's published metric (``reference.published_metric``).
     group_by: the run column whose values name the groups.
     tracking_uri: MLflow tracking URI.
     out: PNG path, or None to write nothing.
@@ -318,11 +339,12 @@ def compare(experiment: str, metric: str = "eval/return_mean", group_by: str = D
     reps: bootstrap replications of the IQM confidence intervals."""
     runs = find_runs(experiment, tracking_uri, group_by)
     matches = reference_matches(runs, reference_source) if reference_source else {}
-    histories = metric_histories(runs, metric, tracking_uri)
+    metrics = task_metrics(runs, metric)
+    histories = metric_histories(runs, metrics, tracking_uri)
     curves = group_curves(runs, histories, reps)
     references = reference_curves(curves, matches, reps)
-    table = summary_table(runs, histories, metric, curves, references, reps)
-    fig = plot_comparison(curves, references, metric, experiment, table)
+    table = summary_table(runs, histories, metric_label(metrics), curves, references, reps)
+    fig = plot_comparison(curves, references, metrics, experiment, table)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=120)
@@ -336,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dime_lightning.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", required=True, help="MLflow experiment name (default name: the env id)")
-    parser.add_argument("--metric", default="eval/return_mean")
+    parser.add_argument("--metric", default=None, help="default: each task's published metric (eval/success_rate "
+                        "for the MyoSuite hand tasks, eval/return_mean otherwise)")
     parser.add_argument("--group-by", default=DEFAULT_GROUP, help="a run column, e.g. params.seed_everything")
     parser.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     parser.add_argument("--out", type=Path, default=Path("curves.png"))

@@ -40,7 +40,3 @@ def resolve_config_args(argv: list[str]) -> list[str]:
             out[index] = "--config=" + resolve_config_path(arg.split("=", 1)[1])
     return out
 
-
-def task_configs() -> list[Path]:
-    """The packaged task configs (``conf/*.yaml``: tasks and overlays; the family bases are not tasks)."""
-    return sorted(CONF_DIR.glob("*.yaml"))

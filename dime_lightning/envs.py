@@ -7,12 +7,17 @@ Accepted ids:
 - the multimodal toy tasks ``MultimodalBandit-v0``, ``MultiGoal-v0`` and ``MultiGoalHaarnoja-v0`` (the
   standard multi-goal task of soft Q-learning; ``toy_envs.py``);
 - DeepMind Control Suite tasks as ``dm_control/<domain>-<task>`` (e.g. ``dm_control/dog-run``), which need
-  the ``dmc`` extra (``pip install 'dime-lightning[dmc]'``).
+  the ``dmc`` extra (``pip install 'dime-lightning[dmc]'``);
+- MyoSuite tasks by their registered ids (``myoHandReachRandom-v0``, ``myoHandKeyTurnRandom-v0``,
+  ``myoHandObjHoldRandom-v0``, ``myoHandPenTwirlRandom-v0``, …; ids start with ``myo``), which need the ``myo``
+  extra; ``myosuite`` is imported (it registers them) only for such ids. Their own time limits apply (200, 75,
+  50 and 100 steps for the four hand tasks) and their own early termination (a dropped object).
 
 Every env is a TorchRL ``TransformedEnv`` with: a single float32 ``observation`` vector (DMC's observation
 dict is concatenated in key order), actions in [−1, 1] mapped affinely to the env bounds
 (``ActionScaling``), ``terminated`` kept apart from ``truncated`` (time limits truncate, they never
-terminate), and the running episode return in ``episode_reward``.
+terminate), and the running episode return in ``episode_reward``. ``make_env(..., success=True)`` (the
+evaluation env) also carries ``success``, a bool per step, for envs that report one: MyoSuite's ``solved``.
 """
 
 from __future__ import annotations
@@ -20,26 +25,34 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+import gymnasium
+import numpy as np
 import torch
+from torchrl.data import Unbounded
 from torchrl.envs import (
     ActionScaling,
     CatTensors,
     DoubleToFloat,
     EnvBase,
     GymEnv,
+    GymWrapper,
     RewardSum,
     StepCounter,
     TransformedEnv,
 )
+from torchrl.envs.gym_like import default_info_dict_reader
 
 from dime_lightning.toy_envs import register_toy_envs
 
 DMC_PREFIX = "dm_control/"
+MYO_PREFIX = "myo"  # MyoSuite's ids (myoHand…, myoElbow…, myoChallenge…), registered by `import myosuite`
+SUCCESS_KEY = "success"  # the evaluation env's per-step success flag (make_env(success=True))
 ACCEPTED_FORMS = (
     "a Gymnasium id with a continuous Box action space (e.g. 'Pendulum-v1', 'HalfCheetah-v5', 'Hopper-v5', "
-    "'Walker2d-v5', 'Ant-v5', 'Humanoid-v5', 'MultimodalBandit-v0', 'MultiGoal-v0', 'MultiGoalHaarnoja-v0') or "
-    "'dm_control/<domain>-<task>' (e.g. 'dm_control/dog-run')"
+    "'Walker2d-v5', 'Ant-v5', 'Humanoid-v5', 'MultimodalBandit-v0', 'MultiGoal-v0', 'MultiGoalHaarnoja-v0'), "
+    "'dm_control/<domain>-<task>' (e.g. 'dm_control/dog-run') or a MyoSuite id (e.g. 'myoHandReachRandom-v0')"
 )
+MYO_HINT = "pip install 'dime-lightning[myo]' (from a checkout: pip install -e '.[dev,dmc,myo]')"
 
 
 class EnvIdError(ValueError):
@@ -84,6 +97,20 @@ def _check_mujoco_below_4(env_id: str) -> None:
         )
 
 
+def is_myosuite(env_id: str) -> bool:
+    """Whether ``env_id`` names a MyoSuite task (``myoHandReachRandom-v0``, also as ``myosuite:<id>``)."""
+    module, _, name = env_id.rpartition(":")
+    return module == "myosuite" or (not module and name.startswith(MYO_PREFIX))
+
+
+def _import_myosuite(env_id: str) -> None:
+    try:
+        importlib.import_module("myosuite")  # registers its ids with Gymnasium
+    except ImportError as err:
+        raise EnvIdError(f"env id {env_id!r} is a MyoSuite task and needs myosuite, which is not installed "
+                         f"({err}): {MYO_HINT}") from err
+
+
 def check_env_id(env_id: str) -> None:
     """Fail fast (before anything heavy) if ``env_id`` is not one of the accepted forms."""
     if not isinstance(env_id, str) or not env_id:
@@ -91,11 +118,11 @@ def check_env_id(env_id: str) -> None:
     if env_id.startswith(DMC_PREFIX):
         _dmc_domain_task(env_id)
         return
-    import gymnasium
-
     register_toy_envs()
     module, _, name = env_id.rpartition(":")
-    if module:  # "package.module:EnvName-v0": importing the module registers the env
+    if is_myosuite(env_id):
+        _import_myosuite(env_id)
+    elif module:  # "package.module:EnvName-v0": importing the module registers the env
         try:
             importlib.import_module(module)
         except ImportError as err:
@@ -106,7 +133,16 @@ def check_env_id(env_id: str) -> None:
         raise EnvIdError(f"unknown env id {env_id!r} ({err}); accepted: {ACCEPTED_FORMS}") from err
 
 
-def _base_env(env_id: str, device: str) -> EnvBase:
+class SolvedAsSuccess(gymnasium.Wrapper):
+    """MyoSuite's ``solved`` (a bool, an int or a numpy bool, depending on the task) as the step info
+    ``{"success": np.bool_}``, the only info key, in the form TorchRL's info reader takes."""
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs, reward, terminated, truncated, {SUCCESS_KEY: np.asarray(bool(np.asarray(info["solved"])))}
+
+
+def _base_env(env_id: str, device: str, success: bool) -> EnvBase:
     if env_id.startswith(DMC_PREFIX):
         from torchrl.envs import DMControlEnv
 
@@ -114,20 +150,29 @@ def _base_env(env_id: str, device: str) -> EnvBase:
         return DMControlEnv(domain, task, device=device)
     check_env_id(env_id)
     try:
-        return GymEnv(env_id, device=device)
+        if not (success and is_myosuite(env_id)):
+            return GymEnv(env_id, device=device)
+        env = GymWrapper(SolvedAsSuccess(gymnasium.make(env_id.rpartition(":")[2])), device=device)
     except Exception as err:  # gymnasium raises many types (missing extras, bad kwargs, …)
         raise EnvIdError(f"env id {env_id!r} could not be created: {err}") from err
+    env.set_info_dict_reader(default_info_dict_reader([SUCCESS_KEY], spec=[Unbounded((), dtype=torch.bool)]))
+    return env
 
 
-def make_env(env_id: str, seed: int | None = None, device: str = "cpu") -> TransformedEnv:
-    """Build the TorchRL env for ``env_id`` (see the module docstring for the accepted forms)."""
-    base = _base_env(env_id, device)
+def make_env(env_id: str, seed: int | None = None, device: str = "cpu", success: bool = False) -> TransformedEnv:
+    """Build the TorchRL env for ``env_id`` (see the module docstring for the accepted forms).
+
+    env_id: the env id.
+    seed: the env's seed, or None.
+    device: the device of its tensors.
+    success: also carry ``success`` (bool per step) where the env reports one (MyoSuite); for evaluation."""
+    base = _base_env(env_id, device, success)
     action_spec = base.action_spec
     if action_spec.dtype not in (torch.float32, torch.float64) or not hasattr(action_spec.space, "low"):
         raise EnvIdError(f"env id {env_id!r}: DIME needs a bounded continuous action space, got {action_spec}")
     if not (torch.isfinite(action_spec.space.low).all() and torch.isfinite(action_spec.space.high).all()):
         raise EnvIdError(f"env id {env_id!r}: the action space must be bounded, got {action_spec}")
-    obs_keys = [key for key in base.observation_spec.keys(True, True)]
+    obs_keys = [key for key in base.observation_spec.keys(True, True) if key != SUCCESS_KEY]
     env = TransformedEnv(base)
     if obs_keys != ["observation"]:
         env.append_transform(CatTensors(in_keys=sorted(obs_keys), out_key="observation", del_keys=True))

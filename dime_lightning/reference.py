@@ -10,7 +10,10 @@ steps, 5 stochastic episodes; provenance in ``reference_data/PROVENANCE.md``)::
 DMC ids map directly (``dm_control/cheetah-run`` → ``dmc_cheetah_run``), except acrobot-swingup
 (``dmc_acrobot``) and finger-turn_hard (``dmc_finger_turn``, whose folder name does not say easy or hard: the
 match carries that note). Gymnasium ``Ant-v5``/``Humanoid-v5`` map to the paper's Gym v3 runs, with the version
-mismatch in the note; every plot and table that shows a reference prints the note.
+mismatch in the note; every plot and table that shows a reference prints the note. The MyoSuite hand tasks map
+by name (``myoHandReachRandom-v0`` → ``myo_hand_reach_rndm``); their published values are success rates in
+[0, 1], so a run is compared on ``eval/success_rate`` there (``published_metric``), on ``eval/return_mean``
+everywhere else.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ DMC_PREFIX = "dm_control/"
 DMC_SPECIAL = {"acrobot-swingup": "dmc_acrobot", "finger-turn_hard": "dmc_finger_turn"}
 DMC_NOTES = {"finger-turn_hard": "published folder 'dmc_finger_turn' does not say easy/hard; hard assumed"}
 GYM_TASKS = {"Ant": "gym_ant_v3", "Humanoid": "gym_humanoid_v3"}
+MYO_TASKS = {"myoHandKeyTurnRandom-v0": "myo_hand_key_turn_rndm", "myoHandObjHoldRandom-v0": "myo_hand_obj_hold_rndm",
+             "myoHandPenTwirlRandom-v0": "myo_hand_pen_twirl_rndm", "myoHandReachRandom-v0": "myo_hand_reach_rndm"}
+RETURN_METRIC = "eval/return_mean"
+SUCCESS_METRIC = "eval/success_rate"  # the share of evaluation episodes that reached the task's success signal
 
 
 class ReferenceDataError(ValueError):
@@ -75,7 +82,17 @@ def reference_tasks(source: str = "paper") -> list[str]:
     return sorted(load_curves(source).task.unique())
 
 
+def published_metric(env_id: str) -> str:
+    """The metric the published curves of ``env_id`` measure: ``eval/success_rate`` for the MyoSuite hand tasks
+    (their published values are success rates), ``eval/return_mean`` for every other env id.
+
+    env_id: a run's ``data.env_id`` (also as ``myosuite:<id>``)."""
+    return SUCCESS_METRIC if env_id.rpartition(":")[2] in MYO_TASKS else RETURN_METRIC
+
+
 def _candidate(env_id: str) -> tuple[str, str]:
+    if env_id.rpartition(":")[2] in MYO_TASKS:
+        return MYO_TASKS[env_id.rpartition(":")[2]], ""
     if env_id.startswith(DMC_PREFIX):
         name = env_id[len(DMC_PREFIX):]
         task = DMC_SPECIAL.get(name, "dmc_" + name.replace("-", "_"))

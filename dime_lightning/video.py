@@ -2,7 +2,8 @@
 
 Videos are made of MuJoCo scenes, rendered off-screen (no display needed) at 480×480: Gymnasium MuJoCo envs
 (e.g. ``HalfCheetah-v5``, from the model's ``track`` camera, which follows the body, through Gymnasium's
-``OffScreenViewer``) and DeepMind Control Suite envs (``dm_control/<domain>-<task>``, ``physics.render`` of
+``OffScreenViewer``), MyoSuite envs (the same viewer, from the hand models' ``hand_top`` camera) and DeepMind
+Control Suite envs (``dm_control/<domain>-<task>``, ``physics.render`` of
 camera 0). Other envs (the toy tasks, ``Pendulum-v1``, …) are refused at start-up with a message that says so.
 
 The OpenGL backend comes from ``MUJOCO_GL``; when it is unset, ``choose_gl_backend`` tries ``egl``, then
@@ -95,24 +96,29 @@ class FrameSource:
         self._close()
 
 
+CAMERAS = ("track", "hand_top")  # the first a model has is filmed
+
+
 def frame_source(env: Any, env_id: str) -> FrameSource:
-    """The frames of ``env`` (a ``make_env`` env): DMC's camera 0, or for a Gymnasium MuJoCo env the model's
-    ``track`` camera (it follows the body; the free camera where a model has none), off-screen at 480×480."""
+    """The frames of ``env`` (a ``make_env`` env): DMC's camera 0, or for a Gymnasium MuJoCo or MyoSuite env the
+    model's first camera of ``CAMERAS`` (``track`` follows the body; MyoSuite's hand models have ``hand_top``; the
+    free camera where a model has none), off-screen at 480×480."""
     base = env.base_env
     if env_id.startswith(DMC_PREFIX):
         physics = base.physics  # the dm_control env's, through TorchRL's wrapper
         return FrameSource(lambda: physics.render(height=FRAME_SIZE, width=FRAME_SIZE, camera_id=0))
-    from gymnasium.envs.mujoco import MujocoEnv
+    import mujoco
 
     unwrapped = getattr(base, "unwrapped", None)
-    if not isinstance(unwrapped, MujocoEnv):
+    if not (isinstance(getattr(unwrapped, "model", None), mujoco.MjModel)
+            and isinstance(getattr(unwrapped, "data", None), mujoco.MjData)):
         raise VideoError(f"eval.video: env id {env_id!r} has no MuJoCo scene to render; videos are made of "
-                         "Gymnasium MuJoCo envs (e.g. 'HalfCheetah-v5') and 'dm_control/<domain>-<task>' envs. "
-                         "Set eval.video false for this env")
-    import mujoco
+                         "Gymnasium MuJoCo envs (e.g. 'HalfCheetah-v5'), MyoSuite envs and "
+                         "'dm_control/<domain>-<task>' envs. Set eval.video false for this env")
     from gymnasium.envs.mujoco.mujoco_rendering import OffScreenViewer
 
-    camera = mujoco.mj_name2id(unwrapped.model, mujoco.mjtObj.mjOBJ_CAMERA, "track")  # -1: none, the free camera
+    found = [mujoco.mj_name2id(unwrapped.model, mujoco.mjtObj.mjOBJ_CAMERA, name) for name in CAMERAS]
+    camera = next((index for index in found if index >= 0), -1)  # -1: the free camera
     viewer = OffScreenViewer(unwrapped.model, unwrapped.data, FRAME_SIZE, FRAME_SIZE)  # its own GL context
 
     def render() -> np.ndarray:

@@ -36,7 +36,8 @@ SHARED = {
 }
 # Per family: value support (± v) and evaluation cadence; the env ids that belong to it.
 FAMILIES = {"dmc": (200.0, 24_000, re.compile(r"dm_control/[a-z]+-[a-z_]+")),
-            "gym_mujoco": (1600.0, 5_000, re.compile(r"(Ant|HalfCheetah|Hopper|Walker2d|Humanoid)-v5"))}
+            "gym_mujoco": (1600.0, 5_000, re.compile(r"(Ant|HalfCheetah|Hopper|Walker2d|Humanoid)-v5")),
+            "myosuite": (200.0, 24_000, re.compile(r"myoHand(KeyTurn|ObjHold|PenTwirl|Reach)Random-v0"))}
 PAPER_TASKS = sorted(p for p in CONF_DIR.glob("*.yaml")
                      if (yaml.safe_load(p.read_text()) or {}).get("config", "").startswith("base/"))
 
@@ -63,9 +64,11 @@ def published_length(env_id: str) -> int:
     return math.ceil(steps[-1] / 1_000_000) * 1_000_000
 
 
-def test_the_paper_tasks_are_the_twenty_of_two_families():
+def test_the_paper_tasks_are_the_twenty_four_of_three_families():
     names = {p.stem for p in PAPER_TASKS}
-    assert len(names) == 20 and {"ant", "humanoid", "halfcheetah", "dmc_dog_run", "dmc_pendulum_swingup"} <= names
+    assert len(names) == 24 and {"ant", "humanoid", "halfcheetah", "dmc_dog_run", "dmc_pendulum_swingup"} <= names
+    assert {n for n in names if n.startswith("myo_")} == {f"myo_hand_{t}_random" for t in
+                                                         ("key_turn", "obj_hold", "pen_twirl", "reach")}
     assert {p.stem for p in CONF_DIR.glob("dmc_*.yaml")} <= names  # every DMC config is a paper task
 
 
