@@ -93,7 +93,7 @@ def _check_mujoco_below_4(env_id: str) -> None:
     if int(str(mujoco.__version__).split(".")[0]) >= 4:
         raise EnvIdError(
             f"env id {env_id!r}: dm_control does not work with MuJoCo {mujoco.__version__} (it needs MuJoCo 3.x); "
-            "pip uninstall -y mujoco mujoco-core mujoco-studio && pip install -e '.[dev,dmc]'"
+            "pip uninstall -y mujoco mujoco-core mujoco-studio && pip install -e '.[dev,dmc,myo]'"
         )
 
 
