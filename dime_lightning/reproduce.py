@@ -1,19 +1,22 @@
 """Reproduce the paper: N seeds of a list of tasks into one MLflow experiment, then the comparison against the
 published curves (IQM with stratified-bootstrap 95 % CIs, per task and over the DMC tasks).
 
+    python -m dime_lightning.reproduce --tasks all --seeds 10 --parallel 4 -- --trainer.accelerator gpu
     python -m dime_lightning.reproduce --tasks all-dmc --seeds 10 --parallel 4 -- --trainer.accelerator gpu
     python -m dime_lightning.reproduce --tasks dmc_pendulum_swingup dmc_cheetah_run --seeds 3
     python -m dime_lightning.reproduce --tasks dm_control/pendulum-swingup --seeds 1 --overlay conf/smoke.yaml
 
 A task is a config stem of the packaged ``conf/`` (``dmc_cheetah_run``, ``ant``), an env id whose config is there
-(``dm_control/cheetah-run``), a YAML path, or ``all-dmc`` (the 15 DMC configs of the published data). Each
+(``dm_control/cheetah-run``), a YAML path, or a group: ``all`` (every published task: the 15 DMC, Ant,
+Humanoid and the 4 MyoSuite hand tasks, 21 in all), ``all-dmc`` (the 15 DMC tasks), ``all-gym`` (Ant, Humanoid)
+or ``all-myo`` (the MyoSuite tasks, read on their success rate). Each
 (task, seed) is one ``python -m dime_lightning.fit`` process named ``<task>-seed<seed>`` in the experiment
 (``--experiment``, default ``dime-reproduce``), with its log and checkpoints under ``--workdir``; ``--parallel
 K`` runs K of them side by side (each with ``OMP_NUM_THREADS`` = cores / K unless set). A run whose name is
 already FINISHED in the experiment is skipped, so the same command continues an interrupted reproduction.
 Arguments after ``--`` go to every fit. At the end: ``compare --reference paper`` on the experiment, written to
 ``<workdir>/compare.png`` and ``compare.csv``. Unknown tasks, tasks without a published reference and a missing
-dm_control stop the command before any run starts (exit 2).
+dm_control or myosuite stop the command before any run starts (exit 2).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from dime_lightning.configs import CONF_DIR
 from dime_lightning.envs import EnvIdError, check_env_id
 
 ALL_DMC = "all-dmc"
+GROUPS = {"all": ("",), ALL_DMC: ("dmc_",), "all-gym": ("ant", "humanoid"), "all-myo": ("myo_",)}  # stem prefixes
 DEFAULT_EXPERIMENT = "dime-reproduce"
 
 
@@ -58,14 +62,18 @@ def _env_id(config: Path) -> str:
     return env_id
 
 
-def dmc_configs(conf: Path = CONF_DIR) -> list[Path]:
-    """The DMC task configs in ``conf`` that have a published reference.
+def published_configs(prefixes: tuple[str, ...] = ("",), conf: Path = CONF_DIR) -> list[Path]:
+    """The task configs in ``conf`` whose stem starts with one of ``prefixes`` and that have a published reference.
 
+    prefixes: config-stem prefixes (``("",)``: every config).
     conf: the config folder."""
     found = []
-    for path in sorted(conf.glob("dmc_*.yaml")):
+    for path in sorted(conf.glob("*.yaml")):
+        env_id = (yaml.safe_load(path.read_text()) or {}).get("data", {}).get("env_id")
+        if not env_id or not path.stem.startswith(prefixes):
+            continue
         try:
-            reference.reference_task(_env_id(path))
+            reference.reference_task(env_id)
         except reference.ReferenceDataError:
             continue
         found.append(path)
@@ -85,8 +93,8 @@ def resolve_tasks(names: list[str], conf: Path = CONF_DIR) -> list[Task]:
             by_env.setdefault(env_id, path)
     paths = []
     for name in names:
-        if name == ALL_DMC:
-            paths.extend(dmc_configs(conf))
+        if name in GROUPS:
+            paths.extend(published_configs(GROUPS[name], conf))
         elif name in configs:
             paths.append(configs[name])
         elif name in by_env:
@@ -94,8 +102,8 @@ def resolve_tasks(names: list[str], conf: Path = CONF_DIR) -> list[Task]:
         elif name.endswith((".yaml", ".yml")) and Path(name).is_file():
             paths.append(Path(name).resolve())
         else:
-            raise ReproduceError(f"unknown task {name!r}; known: {ALL_DMC}, {sorted(configs)} or their env ids "
-                                 "or a YAML file")
+            raise ReproduceError(f"unknown task {name!r}; known: {', '.join(GROUPS)}, {sorted(configs)} or their env "
+                                 "ids or a YAML file")
     unique = list(dict.fromkeys(paths))
     return [Task(p.stem, p, _env_id(p)) for p in unique]
 
@@ -170,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(prog="python -m dime_lightning.reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", required=True, help=f"config stems, env ids, YAML files or {ALL_DMC}")
+    parser.add_argument("--tasks", nargs="+", required=True,
+                        help=f"config stems, env ids, YAML files or {', '.join(GROUPS)}")
     parser.add_argument("--seeds", type=int, default=10, help="seeds per task (the paper: 10)")
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--parallel", type=int, default=1, help="fit processes side by side")

@@ -13,7 +13,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from dime_lightning import reproduce
+from dime_lightning import reference, reproduce
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_dmc = pytest.mark.skipif(importlib.util.find_spec("dm_control") is None, reason="needs the dmc extra")
@@ -45,7 +45,7 @@ def test_dmc_smoke_reproduction_runs_and_compares_with_the_paper(tmp_path, capsy
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--tasks", "nope"], "unknown task 'nope'; known: all-dmc"),
+    (["--tasks", "nope"], "unknown task 'nope'; known: all, all-dmc, all-gym, all-myo"),
     (["--tasks", "pendulum"], "no 'paper' reference for env id 'Pendulum-v1'"),
     (["--tasks", "dmc_cheetah_run", "--seeds", "0"], "--seeds, --parallel and --reps must be >= 1"),
     (["--tasks", "dmc_cheetah_run", "--overlay", "missing.yaml"], "overlay config not found"),
@@ -53,6 +53,15 @@ def test_dmc_smoke_reproduction_runs_and_compares_with_the_paper(tmp_path, capsy
 def test_bad_input_exits_2_before_any_run(tmp_path, capsys, args, message):
     assert reproduce.main([*args, "--workdir", str(tmp_path / "runs")]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_all_is_every_published_task_of_the_three_families():
+    tasks = {t.name: t.env_id for t in reproduce.resolve_tasks(["all"])}
+    assert len(tasks) == 21 and {tasks[n] for n in ("ant", "humanoid")} == {"Ant-v5", "Humanoid-v5"}
+    assert sum(e.startswith("dm_control/") for e in tasks.values()) == 15
+    assert {e for e in tasks.values() if e.startswith("myo")} == set(reference.MYO_TASKS)
+    assert {reference.reference_task(e).task for e in tasks.values()} == set(reference.reference_tasks())
+    assert [t.name for t in reproduce.resolve_tasks(["all-gym"])] == ["ant", "humanoid"]
 
 
 def test_all_dmc_is_the_fifteen_published_tasks_with_seeds_and_passthrough(tmp_path, capsys):
