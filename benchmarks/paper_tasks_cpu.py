@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from dime_lightning import aggregates, checkpointing, compare, reference, reproduce
+from dime_lightning.configs import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "benchmarks" / "runs"
@@ -85,7 +86,7 @@ def fit_command(task: str, seed: int, tracking_uri: str = TRACKING_URI, runs: Pa
     runs: the folder of the runs' checkpoint folders and logs."""
     spec = TASKS[task]
     folder = runs / f"{spec.config}-seed{seed}"
-    command = [sys.executable, "-m", "dime_lightning.fit", "--config", str(ROOT / "conf" / f"{spec.config}.yaml"),
+    command = [sys.executable, "-m", "dime_lightning.fit", "--config", str(CONF_DIR / f"{spec.config}.yaml"),
                "--config", str(OVERLAY), "--data.total_env_steps", str(spec.env_steps), "--seed_everything",
                str(seed), "--mlflow.run_name", run_name(seed), "--mlflow.tracking_uri", tracking_uri,
                "--checkpoint.dirpath", str(folder), "--trainer.enable_progress_bar", "false"]
@@ -120,7 +121,7 @@ def launch(specs: list[str], cpus: list[int], dry_run: bool, tracking_uri: str =
         core = {cpus[index]} if cpus else None
         with log.open("a") as out:
             process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                       env={**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": "egl"},
+                                       env={"MUJOCO_GL": "egl", **os.environ, "OMP_NUM_THREADS": "1"},
                                        preexec_fn=functools.partial(os.sched_setaffinity, 0, core) if core else None)
         resumed = "resumed" if "--ckpt_path" in command else "started"
         lines.append(f"{task}:{seed} {resumed}, pid {process.pid}, log {log}")

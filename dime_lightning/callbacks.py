@@ -42,8 +42,9 @@ class Evaluation(Callback):
     """Every ``every_env_steps`` env steps and at the end: ``episodes`` episodes with stochastic actions (the
     reference evaluates stochastic samples) on an env that is not the training env. Rank 0 only. Logs
     ``eval/return_mean``, ``eval/return_std``, ``eval/episode_length`` and, for envs that report success
-    (MyoSuite's ``solved``), ``eval/success_rate``: the share of episodes in which success was reported at
-    least once (every published MyoSuite value is such a share of 5 episodes: a multiple of 0.2).
+    (MyoSuite's ``solved``), ``eval/success_rate``: the share of episodes whose last step reports success, as
+    the reference implementation's evaluation computes it (every published MyoSuite value is such a share of 5
+    episodes: a multiple of 0.2).
 
     With ``video``, the first episode of some evaluations is rendered off-screen into an H.264 MP4
     ``<checkpoint.dirpath>/videos/env_step_<env steps, 9 digits>.mp4``, logged as the MLflow artifact
@@ -131,8 +132,8 @@ class Evaluation(Callback):
             rollout = self._env.rollout(self.max_episode_steps, policy, break_when_any_done=True)
             returns.append(float(rollout["next", "reward"].sum()))
             lengths.append(rollout.shape[0])
-            if SUCCESS_KEY in rollout["next"].keys():  # an episode succeeds when the env reports success once
-                successes.append(float(rollout["next", SUCCESS_KEY].any()))
+            if SUCCESS_KEY in rollout["next"].keys():  # success as reported at the episode's last step
+                successes.append(float(rollout["next", SUCCESS_KEY][-1]))
             if recorder is not None:
                 recorder.capture()  # the last state
                 _publish(trainer, recorder, steps)

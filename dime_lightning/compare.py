@@ -340,6 +340,12 @@ def compare(experiment: str, metric: str | None = None, group_by: str = DEFAULT_
     runs = find_runs(experiment, tracking_uri, group_by)
     matches = reference_matches(runs, reference_source) if reference_source else {}
     metrics = task_metrics(runs, metric)
+    published = {task: reference.published_metric(task) for task in matches}
+    unlike = {task: name for task, name in published.items() if metrics[task] != name}
+    if unlike:  # e.g. returns beside published success rates: different units on one axis
+        raise CompareError(f"--metric {metric} cannot be compared with the published curves of {sorted(unlike)}, "
+                           f"which measure {sorted(set(unlike.values()))}; leave --metric out (each task's published "
+                           "metric) or drop --reference")
     histories = metric_histories(runs, metrics, tracking_uri)
     curves = group_curves(runs, histories, reps)
     references = reference_curves(curves, matches, reps)

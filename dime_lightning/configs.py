@@ -2,8 +2,10 @@
 
 The configs live in ``dime_lightning/conf`` (installed with the package; a checkout's top-level ``conf/`` is a
 link to it): per benchmark family a base under ``conf/base/`` (``paper.yaml`` holds the settings shared by every
-published task, ``dmc.yaml`` and ``gym_mujoco.yaml`` add the family's value support and evaluation cadence), and
-per task a small file that includes its family (``config: base/dmc.yaml``) and adds its env id and run length.
+published task; ``dmc.yaml``, ``gym_mujoco.yaml`` and ``myosuite.yaml`` add the family's value support and
+evaluation cadence), and per task a small file that includes its family (``config: base/dmc.yaml``, a path
+relative to the task file) and adds its env id and run length. To edit a task outside the package, write its
+complete resolved config (``--config conf/ant.yaml --print_config > mine.yaml``) and edit that.
 
 ``--config conf/ant.yaml`` reads ``./conf/ant.yaml`` when that file exists (a checkout, or a user's own folder),
 else the packaged ``ant.yaml``: the README's commands work after ``pip install`` from any folder.
@@ -31,10 +33,10 @@ def resolve_config_path(path: str) -> str:
 def resolve_config_args(argv: list[str]) -> list[str]:
     """``argv`` with every ``--config`` value passed through ``resolve_config_path``.
 
-    argv: command-line arguments (``--config X`` and ``--config=X`` forms)."""
+    argv: command-line arguments (``--config X``, ``-c X`` and ``--config=X`` forms)."""
     out = list(argv)
     for index, arg in enumerate(out):
-        if arg == "--config" and index + 1 < len(out):
+        if arg in ("--config", "-c") and index + 1 < len(out):
             out[index + 1] = resolve_config_path(out[index + 1])
         elif arg.startswith("--config="):
             out[index] = "--config=" + resolve_config_path(arg.split("=", 1)[1])

@@ -8,10 +8,10 @@ Accepted ids:
   standard multi-goal task of soft Q-learning; ``toy_envs.py``);
 - DeepMind Control Suite tasks as ``dm_control/<domain>-<task>`` (e.g. ``dm_control/dog-run``), which need
   the ``dmc`` extra (``pip install 'dime-lightning[dmc]'``);
-- MyoSuite tasks by their registered ids (``myoHandReachRandom-v0``, ``myoHandKeyTurnRandom-v0``,
-  ``myoHandObjHoldRandom-v0``, ``myoHandPenTwirlRandom-v0``, …; ids start with ``myo``), which need the ``myo``
+- MyoSuite tasks by their registered ids (``myoHandKeyTurnRandom-v0``, ``myoHandObjHoldRandom-v0``,
+  ``myoHandPenTwirlRandom-v0``, ``myoHandReachRandom-v0``, …; ids start with ``myo``), which need the ``myo``
   extra; ``myosuite`` is imported (it registers them) only for such ids. Their own time limits apply (200, 75,
-  50 and 100 steps for the four hand tasks) and their own early termination (a dropped object).
+  50 and 100 steps for these four) and their own early termination (a dropped object).
 
 Every env is a TorchRL ``TransformedEnv`` with: a single float32 ``observation`` vector (DMC's observation
 dict is concatenated in key order), actions in [−1, 1] mapped affinely to the env bounds
@@ -139,6 +139,9 @@ class SolvedAsSuccess(gymnasium.Wrapper):
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
+        if "solved" not in info:
+            raise EnvIdError(f"MyoSuite env {self.env.spec.id if self.env.spec else self.env!r} reports no 'solved' "
+                             "in its step info, so eval/success_rate cannot be computed for it")
         return obs, reward, terminated, truncated, {SUCCESS_KEY: np.asarray(bool(np.asarray(info["solved"])))}
 
 

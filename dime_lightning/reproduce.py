@@ -34,7 +34,7 @@ import yaml
 
 from dime_lightning import compare, reference
 from dime_lightning.checkpointing import folder_checkpoints
-from dime_lightning.configs import CONF_DIR
+from dime_lightning.configs import CONF_DIR, resolve_config_path
 from dime_lightning.envs import EnvIdError, check_env_id
 
 ALL_DMC = "all-dmc"
@@ -81,7 +81,7 @@ def published_configs(prefixes: tuple[str, ...] = ("",), conf: Path = CONF_DIR) 
 
 
 def resolve_tasks(names: list[str], conf: Path = CONF_DIR) -> list[Task]:
-    """Tasks for config stems, env ids, YAML paths or ``all-dmc``; ``ReproduceError`` for an unknown name.
+    """Tasks for config stems, env ids, YAML paths or a group of ``GROUPS``; ``ReproduceError`` for an unknown name.
 
     names: the ``--tasks`` values.
     conf: the config folder."""
@@ -99,8 +99,8 @@ def resolve_tasks(names: list[str], conf: Path = CONF_DIR) -> list[Task]:
             paths.append(configs[name])
         elif name in by_env:
             paths.append(by_env[name])
-        elif name.endswith((".yaml", ".yml")) and Path(name).is_file():
-            paths.append(Path(name).resolve())
+        elif name.endswith((".yaml", ".yml")) and Path(resolve_config_path(name)).is_file():
+            paths.append(Path(resolve_config_path(name)).resolve())
         else:
             raise ReproduceError(f"unknown task {name!r}; known: {', '.join(GROUPS)}, {sorted(configs)} or their env "
                                  "ids or a YAML file")
@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.seeds < 1 or args.parallel < 1 or args.reps < 1:
             raise ReproduceError(f"--seeds, --parallel and --reps must be >= 1, got {args.seeds}, {args.parallel}, "
                                  f"{args.reps}")
+        args.overlay = [Path(resolve_config_path(str(p))) for p in args.overlay]  # conf/<name>: packaged if not here
         missing = [str(p) for p in args.overlay if not p.is_file()]
         if missing:
             raise ReproduceError(f"overlay config not found: {missing}")

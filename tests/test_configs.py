@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dime_lightning import reference
+from dime_lightning import reference, reproduce
 from dime_lightning.configs import CONF_DIR, resolve_config_args, resolve_config_path
 from dime_lightning.fit import build_cli
 
@@ -118,6 +118,11 @@ def test_conf_names_the_packaged_configs_from_any_folder(tmp_path, monkeypatch, 
     assert resolved(capsys, "conf/ant.yaml", "conf/smoke.yaml")["data"]["env_id"] == "Ant-v5"
     assert resolve_config_path("conf/../../setup.py") == "conf/../../setup.py"  # nothing outside the package
     assert resolve_config_path("conf/nope.yaml") == "conf/nope.yaml"  # the parser's error names it
+    assert resolve_config_args(["-c", "conf/ant.yaml"]) == ["-c", str(CONF_DIR / "ant.yaml")]
+    assert reproduce.main(["--tasks", "conf/dmc_cheetah_run.yaml", "--overlay", "conf/smoke.yaml", "--seeds", "1",
+                           "--dry-run", "--reference", "none", "--workdir", str(tmp_path / "runs")]) == 0
+    command = capsys.readouterr().out
+    assert f"--config {CONF_DIR / 'dmc_cheetah_run.yaml'} --config {CONF_DIR / 'smoke.yaml'}" in command
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "ant.yaml").write_text("config: mine.yaml\n")
     assert resolve_config_path("conf/ant.yaml") == "conf/ant.yaml"  # a file of the user's own comes first

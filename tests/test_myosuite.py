@@ -23,8 +23,9 @@ STAND_IN = "myoStandInSolved-v0"  # a myo-prefixed id served by SolvedEveryOther
 
 
 class SolvedEveryOtherEpisode(gymnasium.Env):
-    """Five steps per episode; ``solved`` (an int, as MyoSuite's pen task reports it) at step 3 of every other
-    episode: each reset toggles it (whichever resets TorchRL makes while building, every other episode solves)."""
+    """Five steps per episode; ``solved`` (an int, as MyoSuite's pen task reports it) at the last step of every
+    other episode and at step 3 (only) of the others: each reset toggles which (whichever resets TorchRL makes
+    while building, every other episode ends solved)."""
 
     observation_space = gymnasium.spaces.Box(-1.0, 1.0, (2,), np.float32)
     action_space = gymnasium.spaces.Box(-1.0, 1.0, (1,), np.float32)
@@ -39,7 +40,7 @@ class SolvedEveryOtherEpisode(gymnasium.Env):
 
     def step(self, action):
         self.t += 1
-        solved = int(self.solving and self.t == 3)
+        solved = int(self.t == (5 if self.solving else 3))
         return np.zeros(2, np.float32), 0.0, False, self.t >= 5, {"solved": solved, "rwd_dict": {}}
 
 
@@ -53,14 +54,14 @@ def stand_in(monkeypatch):
 
 def test_the_success_flag_reaches_the_evaluation_env_only(stand_in):
     evaluation_env = envs.make_env(stand_in, seed=0, success=True)
-    flags = [evaluation_env.rollout(5)["next", "success"] for _ in range(2)]  # two episodes: one solves
+    flags = [evaluation_env.rollout(5)["next", "success"] for _ in range(2)]  # two episodes: one ends solved
     assert flags[0].dtype == torch.bool and flags[0].shape == (5,)
-    assert sorted(f.tolist() for f in flags) == [[False] * 5, [False, False, True, False, False]]
+    assert sorted(f.tolist() for f in flags) == [[False, False, False, False, True], [False, False, True, False, False]]
     assert evaluation_env.observation_spec["observation"].shape == (2,)  # success is not part of the observation
     assert "success" not in envs.make_env(stand_in, seed=0).rollout(5)["next"].keys()  # training env: none
 
 
-def test_evaluation_logs_the_share_of_episodes_that_succeeded(stand_in):
+def test_evaluation_logs_the_share_of_episodes_that_end_solved(stand_in):
     logged = []
     logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((metrics, step)))
     data = SimpleNamespace(hparams=SimpleNamespace(env_id=stand_in, seed=0, total_env_steps=1000))
@@ -70,6 +71,7 @@ def test_evaluation_logs_the_share_of_episodes_that_succeeded(stand_in):
     Evaluation(every_env_steps=100, episodes=4).evaluate(trainer, module)
     (metrics, step), = logged
     assert step == 100 and metrics["eval/success_rate"] == 0.5 and metrics["eval/episode_length"] == 5.0
+    # (solved only in the middle of an episode does not count: every episode reported it once)
 
 
 def test_myo_ids_without_the_extra_name_it():
@@ -131,3 +133,6 @@ def test_compare_reads_each_task_on_its_published_metric(tmp_path):
     rows = table.reset_index()
     published = rows[(rows.task == "myoHandReachRandom-v0") & rows.group.str.contains("paper")]
     assert len(published) and (published["final score"] <= 1.0).all()  # the published success rates, not returns
+    with pytest.raises(compare.CompareError, match=r"--metric eval/return_mean cannot be compared with the published "
+                                                   r"curves of \['myoHandReachRandom-v0'\].*eval/success_rate"):
+        compare.compare("mixed", metric="eval/return_mean", tracking_uri=uri, reference_source="paper", reps=100)
