@@ -151,7 +151,8 @@ def metric_histories(runs: pd.DataFrame, metric: str | dict[str, str], tracking_
             histories[run_id] = pd.Series({m.step: m.value for m in points}).sort_index()
     if not histories:
         available = sorted({c[len("metrics."):] for c in runs.columns if c.startswith("metrics.")})
-        wanted = metric if isinstance(metric, str) else sorted(set(metric.values()))
+        names = [metric] if isinstance(metric, str) else sorted(set(metric.values()))
+        wanted = names[0] if len(names) == 1 else names
         raise CompareError(f"unknown metric {wanted!r} in these runs; available: {available}")
     return histories
 
