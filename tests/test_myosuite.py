@@ -100,6 +100,22 @@ def test_hand_tasks_build_with_their_dimensions_limits_and_success(env_id):
     env.close()
 
 
+@pytest.mark.skipif(not HAS_MYO, reason="needs the myo extra (pip install -e '.[dev,dmc,myo]')")
+def test_a_hand_task_renders_for_evaluation_videos(monkeypatch):
+    from dime_lightning import video
+
+    monkeypatch.setenv("MUJOCO_GL", "egl")
+    video.check_video("myoHandReachRandom-v0")  # GL, codec and one frame from the hand_top camera, or VideoError
+    env = envs.make_env("myoHandReachRandom-v0", seed=0)
+    render = video.frame_source(env, "myoHandReachRandom-v0")
+    try:
+        frame = render()
+        assert frame.shape == (video.FRAME_SIZE, video.FRAME_SIZE, 3) and frame.max() > 50  # not a blank frame
+    finally:
+        render.close()
+        env.close()
+
+
 def test_the_hand_tasks_are_compared_on_success_rates():
     for env_id, task in reference.MYO_TASKS.items():
         assert reference.reference_task(env_id).task == task and reference.reference_task(f"myosuite:{env_id}")
