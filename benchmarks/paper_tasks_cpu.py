@@ -1,4 +1,5 @@
-"""Published DMC tasks at CPU size beside the DIME paper: cheetah-run to 48k and pendulum-swingup to 96k env steps.
+"""Published tasks at CPU size beside the DIME paper: DMC cheetah-run to 48k and pendulum-swingup to 96k env steps,
+MyoSuite obj-hold (success rate; needs the myo extra) to 96k.
 
 Start the runs, or continue them after an interruption (each a ``python -m dime_lightning.fit`` in the
 background, torch on one thread, optionally pinned to a core; a run whose folder holds checkpoints resumes with
@@ -14,8 +15,9 @@ Results, at any time (also while the runs write):
 ``report`` writes ``benchmarks/results/paper_tasks_cpu.json`` (``{env id: {seed: [[env_step, eval return], ...]}}``,
 straight from the MLflow runs), one ``compare --reference paper`` figure per task
 (``benchmarks/results/paper_tasks_cpu_<task>.png``), and prints the BENCHMARKS.md tables: each evaluation beside
-the published mean, min–max band and IQM where the paper evaluated at the same env step. Every run uses the
-task's paper config with the overlay ``benchmarks/dmc_cpu.yaml``; its deviations are listed in ``DEVIATIONS``.
+the published mean, min–max band and IQM where the paper evaluated at the same env step (on the task's published
+metric: the success rate for MyoSuite). Every run uses the task's paper config with the overlay
+``benchmarks/paper_tasks_cpu.yaml``; its deviations are listed in ``DEVIATIONS``.
 """
 
 from __future__ import annotations
@@ -39,11 +41,11 @@ from dime_lightning.configs import CONF_DIR
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "benchmarks" / "runs"
 RESULTS = ROOT / "benchmarks" / "results"
-OVERLAY = ROOT / "benchmarks" / "dmc_cpu.yaml"
+OVERLAY = ROOT / "benchmarks" / "paper_tasks_cpu.yaml"
 TRACKING_URI = f"sqlite:///{RUNS / 'paper_tasks_cpu.db'}"
 DEVIATIONS = ("critics 2 × [256, 256] (paper [2048, 2048])", "batch-renorm warm-up 1,000 critic updates (paper "
               "100,000)", "evaluation every 4,000 env steps (paper 24,000; both 5 stochastic episodes)",
-              "run length 48k (cheetah-run) and 96k (pendulum-swingup) env steps (paper 1M)",
+              "run length 48k (cheetah-run) and 96k (pendulum-swingup, obj-hold) env steps (paper 1M)",
               "CPU, torch on one thread, losses and acting through torch.compile (the same math)")
 
 
@@ -57,7 +59,8 @@ class PaperTask:
 
 
 TASKS = {"cheetah-run": PaperTask("dm_control/cheetah-run", "dmc_cheetah_run", 48_000),
-         "pendulum-swingup": PaperTask("dm_control/pendulum-swingup", "dmc_pendulum_swingup", 96_000)}
+         "pendulum-swingup": PaperTask("dm_control/pendulum-swingup", "dmc_pendulum_swingup", 96_000),
+         "obj-hold": PaperTask("myoHandObjHoldRandom-v0", "myo_hand_obj_hold_random", 96_000)}
 
 
 def parse_run(spec: str) -> tuple[str, int]:
@@ -146,13 +149,14 @@ def snapshot(tracking_uri: str, folder: Path) -> str:
 
 
 def seed_curves(env_id: str, tracking_uri: str) -> dict[str, list[list[float]]]:
-    """seed → [[env_step, eval/return_mean], ...] of the DIME runs of one task, straight from MLflow.
+    """seed → [[env_step, value], ...] of the DIME runs of one task, straight from MLflow, on the task's published
+    metric (``eval/return_mean``; ``eval/success_rate`` for MyoSuite).
 
     env_id: the task's env id (its MLflow experiment).
     tracking_uri: MLflow tracking URI."""
     runs = compare.find_runs(env_id, tracking_uri, compare.DEFAULT_GROUP)
     runs = runs[runs.group == "DIME"]
-    histories = compare.metric_histories(runs, "eval/return_mean", tracking_uri)
+    histories = compare.metric_histories(runs, reference.published_metric(env_id), tracking_uri)
     curves = {}
     for run_id, seed in zip(runs.run_id, runs["params.seed_everything"], strict=True):
         if run_id in histories:
@@ -191,16 +195,19 @@ def markdown(task: str, rows: list[dict]) -> str:
 
     task: a key of ``TASKS``.
     rows: from ``task_rows``."""
-    lines = [f"**{TASKS[task].env_id}**", "",
-             "| env steps | this: eval return, mean over seeds (5 stochastic episodes each) | paper mean (10 seeds) "
+    metric = reference.published_metric(TASKS[task].env_id)
+    lines = [f"**{TASKS[task].env_id}** (`{metric}`)", "",
+             "| env steps | this: mean over seeds (5 stochastic episodes each) | paper mean (10 seeds) "
              "| paper min–max | paper IQM [95 % CI] | inside the band |", "|---:|---:|---:|---:|---:|:---:|"]
+    digits = 2 if metric == reference.SUCCESS_METRIC else 1
     for row in rows:
-        ours = f"| {row['env_steps']:,} | {row['return_mean']:.1f} (n={row['seeds']}) |"
+        ours = f"| {row['env_steps']:,} | {row['return_mean']:.{digits}f} (n={row['seeds']}) |"
         if "paper_mean" not in row:
             lines.append(f"{ours} – | – | – | – |")
             continue
-        lines.append(f"{ours} {row['paper_mean']:.1f} | [{row['paper_min']:.1f}, {row['paper_max']:.1f}] | "
-                     f"{row['paper_iqm']:.1f} [{row['paper_iqm_low']:.1f}, {row['paper_iqm_high']:.1f}] | "
+        low, high, iqm = row["paper_iqm_low"], row["paper_iqm_high"], row["paper_iqm"]
+        lines.append(f"{ours} {row['paper_mean']:.{digits}f} | [{row['paper_min']:.{digits}f}, "
+                     f"{row['paper_max']:.{digits}f}] | {iqm:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}] | "
                      f"{'yes' if row['in_band'] else '**no**'} |")
     return "\n".join(lines)
 

@@ -3,14 +3,18 @@ what is their own, and the configs ship with the package (``--config conf/<name>
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from dime_lightning import reference, reproduce
+from dime_lightning import envs, reference, reproduce
 from dime_lightning.configs import CONF_DIR, resolve_config_args, resolve_config_path
 from dime_lightning.fit import build_cli
 
@@ -134,3 +138,35 @@ def test_the_package_ships_every_config_and_the_checkout_links_to_them():
     shipped = {p for pattern in patterns for p in (ROOT / "dime_lightning").glob(pattern)}
     assert shipped == {p for p in CONF_DIR.rglob("*") if p.is_file()}, "setup.py package_data misses a config"
     assert (ROOT / "conf").is_symlink() and (ROOT / "conf").resolve() == CONF_DIR
+
+
+@pytest.mark.parametrize("task", reproduce.resolve_tasks(["all"]), ids=lambda t: t.name)
+def test_every_published_task_builds_its_env(task):
+    needs = "myosuite" if envs.is_myosuite(task.env_id) else "dm_control" if task.env_id.startswith("dm_control/") \
+        else None
+    if needs and importlib.util.find_spec(needs) is None:
+        pytest.skip(f"needs {needs} (the {'myo' if needs == 'myosuite' else 'dmc'} extra)")
+    spec = envs.env_spec(task.env_id)
+    assert spec.obs_dim > 0 and spec.action_dim > 0
+
+
+def test_a_wheel_trains_by_config_name_from_an_empty_folder(tmp_path):
+    """pip wheel . → installed apart from the checkout → a smoke fit named by conf/<name> in an empty folder."""
+    wheels, target, empty = tmp_path / "wheels", tmp_path / "site", tmp_path / "empty"
+    empty.mkdir()
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(wheels), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-2000:]
+    wheel, = wheels.glob("dime_lightning-*.whl")
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                              str(wheel)], capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-2000:]
+    env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
+    where = subprocess.run([sys.executable, "-c", "import dime_lightning; print(dime_lightning.__file__)"], cwd=empty,
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert where.stdout.strip().startswith(str(target)), where.stdout + where.stderr  # the wheel, not the checkout
+    fit = subprocess.run([sys.executable, "-m", "dime_lightning.fit", "--config", "conf/pendulum.yaml", "--config",
+                          "conf/smoke.yaml", "--data.total_env_steps", "150", "--trainer.enable_progress_bar", "false"],
+                         cwd=empty, capture_output=True, text=True, env=env, timeout=600)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert (empty / "mlflow.db").is_file() and list((empty / "checkpoints").glob("*/final.ckpt"))

@@ -5,6 +5,10 @@ task in compare and reproduce."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import gymnasium
@@ -17,6 +21,7 @@ from dime_lightning import compare, envs, reference, reproduce
 from dime_lightning.callbacks import Evaluation
 
 HAS_MYO = importlib.util.find_spec("myosuite") is not None
+CONF = Path(__file__).resolve().parents[1] / "conf"
 HAND_TASKS = {"myoHandKeyTurnRandom-v0": (93, 200), "myoHandObjHoldRandom-v0": (91, 75),
               "myoHandPenTwirlRandom-v0": (83, 50), "myoHandReachRandom-v0": (115, 100)}
 STAND_IN = "myoStandInSolved-v0"  # a myo-prefixed id served by SolvedEveryOtherEpisode (no MyoSuite needed)
@@ -93,6 +98,7 @@ def test_hand_tasks_build_with_their_dimensions_limits_and_success(env_id):
                                                                                    torch.ones(39))
     rollout = env.rollout(limit + 10, break_when_any_done=True)
     assert rollout.shape[0] <= limit and rollout["next", "success"].dtype == torch.bool
+    assert rollout["observation"].shape[-1] == obs_dim and torch.isfinite(rollout["next", "observation"]).all()
     if rollout.shape[0] == limit:  # ran to the time limit: truncated, not terminated
         assert rollout["next", "truncated"][-1].item() and not rollout["next", "terminated"][-1].item()
     first = envs.make_env(env_id, seed=3).reset()["observation"]
@@ -152,3 +158,25 @@ def test_compare_reads_each_task_on_its_published_metric(tmp_path):
     with pytest.raises(compare.CompareError, match=r"--metric eval/return_mean cannot be compared with the published "
                                                    r"curves of \['myoHandReachRandom-v0'\].*eval/success_rate"):
         compare.compare("mixed", metric="eval/return_mean", tracking_uri=uri, reference_source="paper", reps=100)
+
+
+@pytest.mark.skipif(not HAS_MYO, reason="needs the myo extra (pip install -e '.[dev,dmc,myo]')")
+def test_a_smoke_fit_on_a_hand_task_logs_success_and_compares_with_the_published_rates(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = [sys.executable, "-m", "dime_lightning.fit", "--config", str(CONF / "myo_hand_reach_random.yaml"),
+               "--config", str(CONF / "smoke.yaml"), "--mlflow.tracking_uri", uri, "--checkpoint.dirpath",
+               str(tmp_path / "ckpt"), "--trainer.enable_progress_bar", "false"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = mlflow.MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("myoHandReachRandom-v0").experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    rates = [m.value for m in client.get_metric_history(run.info.run_id, "eval/success_rate")]
+    assert len(rates) == 2 and all(0.0 <= r <= 1.0 for r in rates)  # evaluations at 150 and 300 env steps
+    out = tmp_path / "compare.png"
+    assert compare.main(["--experiment", "myoHandReachRandom-v0", "--tracking-uri", uri, "--reference", "paper",
+                         "--reps", "200", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "final eval/success_rate" in table and "myo_hand_reach_rndm" in table and "IQM 95% CI low" in table
+    assert out.stat().st_size > 0

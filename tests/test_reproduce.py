@@ -64,6 +64,15 @@ def test_all_is_every_published_task_of_the_three_families():
     assert [t.name for t in reproduce.resolve_tasks(["all-gym"])] == ["ant", "humanoid"]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("myosuite") is None or importlib.util.find_spec("dm_control") is None,
+                    reason="needs the dmc and myo extras (a missing one stops reproduce before any run)")
+def test_all_dry_run_lists_the_21_tasks_times_the_seeds(tmp_path, capsys):
+    assert reproduce.main(["--tasks", "all", "--seeds", "2", "--dry-run", "--reference", "none", "--workdir",
+                           str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 42 and sum("myo_hand_pen_twirl_random.yaml" in line for line in lines) == 2
+
+
 def test_all_dmc_is_the_fifteen_published_tasks_with_seeds_and_passthrough(tmp_path, capsys):
     assert reproduce.main(["--tasks", "all-dmc", "--seeds", "2", "--first-seed", "3", "--dry-run", "--reference",
                            "none", "--workdir", str(tmp_path), "--", "--trainer.accelerator", "gpu"]) == 0
