@@ -7,6 +7,7 @@ import importlib.util
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,8 +97,6 @@ def test_each_task_resolves_to_the_published_settings_it_claims(path, capsys):
 
 
 def test_a_family_setting_changes_every_task_of_the_family_and_only_those(tmp_path, capsys):
-    import shutil
-
     conf = tmp_path / "conf"
     shutil.copytree(CONF_DIR, conf)
     dmc = conf / "base" / "dmc.yaml"
@@ -154,8 +153,11 @@ def test_a_wheel_trains_by_config_name_from_an_empty_folder(tmp_path):
     """pip wheel . → installed apart from the checkout → a smoke fit named by conf/<name> in an empty folder."""
     wheels, target, empty = tmp_path / "wheels", tmp_path / "site", tmp_path / "empty"
     empty.mkdir()
+    had_build = (ROOT / "build").exists()
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                             str(wheels), str(ROOT)], capture_output=True, text=True, timeout=600)
+    if not had_build:  # setuptools' scratch folder in the checkout (git-ignored): leave the checkout as it was
+        shutil.rmtree(ROOT / "build", ignore_errors=True)
     assert build.returncode == 0, build.stderr[-2000:]
     wheel, = wheels.glob("dime_lightning-*.whl")
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
