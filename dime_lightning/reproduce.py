@@ -99,8 +99,8 @@ def resolve_tasks(names: list[str], conf: Path = CONF_DIR) -> list[Task]:
             paths.append(configs[name])
         elif name in by_env:
             paths.append(by_env[name])
-        elif name.endswith((".yaml", ".yml")) and Path(resolve_config_path(name)).is_file():
-            paths.append(Path(resolve_config_path(name)).resolve())
+        elif name.endswith((".yaml", ".yml")) and (found := Path(resolve_config_path(name))).is_file():
+            paths.append(found.resolve())
         else:
             raise ReproduceError(f"unknown task {name!r}; known: {', '.join(GROUPS)}, {sorted(configs)} or their env "
                                  "ids or a YAML file")
