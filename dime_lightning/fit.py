@@ -43,7 +43,6 @@ from dime_lightning.tracking import (
     MLflowRunInfo,
     check_tracking_uri,
     run_in_store,
-    store_creation_lock,
     validate_tracking_uri,
 )
 from dime_lightning.tracking_queue import PENDING_GLOB, replay
@@ -229,18 +228,15 @@ class DIMECLI(LightningCLI):
                     run_id, run_info.resumed, run_info.source = None, False, source
                 if run_id and checkpointer.dirpath is not None and any(Path(checkpointer.dirpath).glob(PENDING_GLOB)):
                     replay(Path(checkpointer.dirpath))  # what an earlier process could not deliver goes first
-            # MLflow's client opens the store on every rank: ranks started together (srun, torchrun) must not
-            # create an sqlite store side by side
-            with store_creation_lock(uri):
-                trainer.logger = DIMEMLFlowLogger(
-                    experiment_name=settings.experiment_name or data.hparams.env_id,
-                    run_name=settings.run_name,
-                    tracking_uri=uri,
-                    run_id=run_id,
-                    spill_dir=lambda: checkpointer.dirpath,
-                    max_pending=settings.max_pending,
-                    flush_timeout=settings.flush_timeout,
-                )
+            trainer.logger = DIMEMLFlowLogger(
+                experiment_name=settings.experiment_name or data.hparams.env_id,
+                run_name=settings.run_name,
+                tracking_uri=uri,
+                run_id=run_id,
+                spill_dir=lambda: checkpointer.dirpath,
+                max_pending=settings.max_pending,
+                flush_timeout=settings.flush_timeout,
+            )
         return trainer
 
 

@@ -107,7 +107,10 @@ class DIMEMLFlowLogger(MLFlowLogger):
 
     def __init__(self, *args: Any, spill_dir: Callable[[], Path | None] | None = None, max_pending: int = 10_000,
                  flush_timeout: float = 60.0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        # MLflow's client opens the store on every rank: ranks started together (srun, torchrun) must not create
+        # an sqlite store side by side
+        with store_creation_lock(kwargs.get("tracking_uri") or ""):
+            super().__init__(*args, **kwargs)
         self.final_status: str | None = None
         self.pending_file: Path | None = None
         self._finalized = False

@@ -23,8 +23,10 @@ PAPER_CONFIGS = {"halfcheetah", "hopper", "walker2d", "ant", "humanoid", "dmc_hu
 HAS_DMC = importlib.util.find_spec("dm_control") is not None
 
 
-def run_fit(tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "dime_lightning.fit", *args,
+def run_fit(tmp_path: Path, *args: str, timeout: int = 300, launcher: tuple[str, ...] = ("-m",)
+            ) -> subprocess.CompletedProcess:
+    """The fit CLI in a subprocess; ``launcher``: what runs ``dime_lightning.fit`` (e.g. torchrun's ``-m`` line)."""
+    command = [sys.executable, *launcher, "dime_lightning.fit", *args,
                "--mlflow.tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                "--checkpoint.dirpath", str(tmp_path / "ckpt"), "--trainer.enable_progress_bar", "false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}  # test envs and callbacks

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -67,13 +64,9 @@ def test_ddp_two_processes_gloo_through_the_cli(tmp_path):
 def test_ddp_ranks_started_together_by_torchrun(tmp_path):
     # torchrun (like srun) starts every rank at once, each running the whole CLI: the ranks must neither create
     # the sqlite store side by side (MLflow's client opens it on every rank) nor disagree on the run
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "dime_lightning.fit", *SMOKE, "--trainer.strategy", "ddp", "--trainer.devices", "2",
-               "--mlflow.tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-               "--checkpoint.dirpath", str(tmp_path / "ckpt"), "--trainer.enable_progress_bar", "false",
-               "--trainer.callbacks+=ddp_probe.SaveRankState"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m")
+    result = run_fit(tmp_path, *SMOKE, "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                     "--trainer.callbacks+=ddp_probe.SaveRankState", launcher=torchrun)
     assert result.returncode == 0, result.stderr[-4000:]
     states = [torch.load(tmp_path / f"rank{rank}-state.pt", weights_only=False) for rank in (0, 1)]
     assert states[0]["world_size"] == 2 and states[0]["env_steps"] == states[1]["env_steps"] == 300
