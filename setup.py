@@ -6,6 +6,7 @@ from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 VIDEO = ["imageio>=2.34", "imageio-ffmpeg>=0.5"]
+SLURM = ["submitit>=1.5.4,<2"]  # 1.5.4: the version tested with SLURM 22.05
 
 setup(
     name="dime-lightning",
@@ -59,9 +60,11 @@ setup(
         # The video packages are in dev too, so that the README's install runs tests/test_video.py.
         # pytest-xdist: the suite runs on every core (`-n auto` in pyproject.toml), most tests are CLI subprocesses
         "dev": ["pytest>=8", "pytest-xdist>=3.6", "ruff>=0.6", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
-                "jupyterlab>=4.6,<5", "nbconvert>=7.16", *VIDEO],
+                "jupyterlab>=4.6,<5", "nbconvert>=7.16", *VIDEO, *SLURM],
         # eval.video: H.264 MP4 through imageio's FFmpeg plugin (imageio-ffmpeg ships the ffmpeg binary)
         "video": VIDEO,
+        # reproduce --launcher slurm (tests/test_slurm.py runs it on a local SLURM cluster, so dev has it too)
+        "slurm": SLURM,
         # dm_control 1.0.50 is the version tested with mujoco 3.17 (the newest MuJoCo below 4, see above).
         "dmc": ["dm_control>=1.0.50,<1.1"],
         # MyoSuite's hand tasks (conf/myo_*.yaml). myosuite 3.0.0 requires gymnasium<1.3: with this extra pip
