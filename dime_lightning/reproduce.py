@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.seeds < 1 or args.parallel < 1 or args.reps < 1 or args.poll <= 0:
             raise ReproduceError(f"--seeds, --parallel and --reps must be >= 1 and --poll > 0, got {args.seeds}, "
                                  f"{args.parallel}, {args.reps}, {args.poll}")
-        args.overlay = [Path(resolve_config_path(str(p))) for p in args.overlay]  # conf/<name>: packaged if not here
+        args.overlay = [Path(resolve_config_path(str(p))).resolve() for p in args.overlay]  # conf/<name>: packaged
+        args.workdir = args.workdir.resolve()  # jobs may start in another folder
         missing = [str(p) for p in args.overlay if not p.is_file()]
         if missing:
             raise ReproduceError(f"overlay config not found: {missing}")

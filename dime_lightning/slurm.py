@@ -35,6 +35,9 @@ REGISTRY = "slurm_jobs.json"
 EXIT_SIGTERM = 143  # the fit's exit code after SIGTERM (checkpoint written)
 SBATCH_KEY = re.compile(r"[a-z][a-z0-9-]*")
 PROGRAMS = ("sbatch", "srun", "squeue", "scontrol")
+RESERVED = {"signal": "--slurm-signal-delay (the checkpoint signal is SIGUSR2)", "time": "--slurm-time",
+            "job-name": "the run name", "output": "submitit", "error": "submitit", "nodes": "reproduce (1 per job)",
+            "ntasks-per-node": "reproduce (1 per job)", "requeue": "reproduce (always on)"}
 
 
 class SlurmError(RuntimeError):
@@ -82,6 +85,8 @@ class SlurmOptions:
             if not SBATCH_KEY.fullmatch(key):
                 raise SlurmError(f"--slurm-sbatch {item!r}: expected an sbatch option as KEY=VALUE or KEY "
                                  "(e.g. constraint=a100, exclusive)")
+            if key in RESERVED:
+                raise SlurmError(f"--slurm-sbatch {item!r}: {key} is set by {RESERVED[key]}")
             found[key] = value if sep else True
         return found
 
@@ -193,8 +198,8 @@ class FitJob:
         if code == 0:
             return 0
         if code in (EXIT_SIGTERM, -signal.SIGTERM):
-            raise FitFailed(f"the fit stopped on SIGTERM (preempted, requeued or cancelled; its checkpoint is "
-                            f"written, a requeued attempt resumes it): {self.log}")
+            raise FitFailed(f"the fit stopped on SIGTERM and wrote its checkpoint: if SLURM requeues the job "
+                            f"(preemption, scontrol requeue) the next attempt resumes it; see {self.log}")
         raise FitFailed(f"the fit exited with {code}; not requeued (see {self.log})")
 
     def checkpoint(self):

@@ -82,6 +82,7 @@ class LocalSlurm:
             "ReturnToService=2", "JobRequeue=1", "KillWait=30", "MinJobAge=600",
             "SlurmctldTimeout=30", "SlurmdTimeout=60", "InactiveLimit=0", "Waittime=0",
             "SchedulerParameters=sched_interval=2", "MessageTimeout=20",
+            f"DefMemPerCPU={memory_mb // 2 // self.cpus}",  # a job without --mem does not take the whole node
             f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={memory_mb // 2} State=UNKNOWN",
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
             ""]))
