@@ -7,6 +7,7 @@ background, torch on one thread, optionally pinned to a core; a run whose folder
 
     python benchmarks/paper_tasks_cpu.py launch cheetah-run:0 pendulum-swingup:0 --cpus 0 1
     python benchmarks/paper_tasks_cpu.py launch cheetah-run:1 --dry-run      # print the fit command only
+    python benchmarks/paper_tasks_cpu.py launch pendulum-swingup:0:gaussian  # the Gaussian actor, same machinery
 
 Results, at any time (also while the runs write):
 
@@ -61,37 +62,53 @@ class PaperTask:
 TASKS = {"cheetah-run": PaperTask("dm_control/cheetah-run", "dmc_cheetah_run", 48_000),
          "pendulum-swingup": PaperTask("dm_control/pendulum-swingup", "dmc_pendulum_swingup", 96_000),
          "obj-hold": PaperTask("myoHandObjHoldRandom-v0", "myo_hand_obj_hold_random", 96_000)}
+# the actor of a run: DIME's diffusion actor (the paper's), or the tanh-Gaussian one with identical machinery
+ACTORS = {"diffusion": (), "gaussian": (CONF_DIR / "gaussian.yaml",)}
 
 
-def parse_run(spec: str) -> tuple[str, int]:
-    """``cheetah-run:0`` → (``cheetah-run``, 0); ``ValueError`` naming the spec otherwise.
+def parse_run(spec: str) -> tuple[str, int, str]:
+    """``cheetah-run:0`` → (``cheetah-run``, 0, ``diffusion``), ``pendulum-swingup:0:gaussian`` → (…, ``gaussian``);
+    ``ValueError`` naming the spec otherwise.
 
-    spec: ``<task>:<seed>`` with a task of ``TASKS`` and a seed >= 0."""
-    task, _, seed = spec.partition(":")
-    if task not in TASKS or not seed.isdigit():
-        raise ValueError(f"run {spec!r}: expected <task>:<seed> with a task in {sorted(TASKS)} and a seed >= 0")
-    return task, int(seed)
-
-
-def run_name(seed: int) -> str:
-    """The MLflow run name of one seed.
-
-    seed: the run's seed."""
-    return f"cpu-seed{seed}"
+    spec: ``<task>:<seed>[:<actor>]`` with a task of ``TASKS``, a seed >= 0 and an actor of ``ACTORS``."""
+    task, _, rest = spec.partition(":")
+    seed, _, actor = rest.partition(":")
+    actor = actor or "diffusion"
+    if task not in TASKS or not seed.isdigit() or actor not in ACTORS:
+        raise ValueError(f"run {spec!r}: expected <task>:<seed>[:<actor>] with a task in {sorted(TASKS)}, a seed "
+                         f">= 0 and an actor in {sorted(ACTORS)}")
+    return task, int(seed), actor
 
 
-def fit_command(task: str, seed: int, tracking_uri: str = TRACKING_URI, runs: Path = RUNS) -> list[str]:
+def run_name(seed: int, actor: str = "diffusion") -> str:
+    """The MLflow run name of one seed (``cpu-seed0``; ``cpu-gaussian-seed0`` for the Gaussian actor).
+
+    seed: the run's seed.
+    actor: a key of ``ACTORS``."""
+    return f"cpu-seed{seed}" if actor == "diffusion" else f"cpu-{actor}-seed{seed}"
+
+
+def run_folder(task: str, seed: int, actor: str = "diffusion") -> str:
+    """The name of a run's checkpoint folder under the runs folder (its log: the same + ``.log``)."""
+    return f"{TASKS[task].config}-{run_name(seed, actor).removeprefix('cpu-')}"
+
+
+def fit_command(task: str, seed: int, tracking_uri: str = TRACKING_URI, runs: Path = RUNS,
+                actor: str = "diffusion") -> list[str]:
     """The fit command of one (task, seed): fresh, or ``--ckpt_path last`` when its folder holds checkpoints.
 
     task: a key of ``TASKS``.
     seed: the run's seed.
     tracking_uri: MLflow tracking URI of the benchmark's store.
-    runs: the folder of the runs' checkpoint folders and logs."""
+    runs: the folder of the runs' checkpoint folders and logs.
+    actor: a key of ``ACTORS`` (its overlay comes after the task's config, before the CPU overlay)."""
     spec = TASKS[task]
-    folder = runs / f"{spec.config}-seed{seed}"
-    command = [sys.executable, "-m", "dime_lightning.fit", "--config", str(CONF_DIR / f"{spec.config}.yaml"),
-               "--config", str(OVERLAY), "--data.total_env_steps", str(spec.env_steps), "--seed_everything",
-               str(seed), "--mlflow.run_name", run_name(seed), "--mlflow.tracking_uri", tracking_uri,
+    folder = runs / run_folder(task, seed, actor)
+    configs = [arg for path in (CONF_DIR / f"{spec.config}.yaml", *ACTORS[actor], OVERLAY)
+               for arg in ("--config", str(path))]
+    command = [sys.executable, "-m", "dime_lightning.fit", *configs,
+               "--data.total_env_steps", str(spec.env_steps), "--seed_everything",
+               str(seed), "--mlflow.run_name", run_name(seed, actor), "--mlflow.tracking_uri", tracking_uri,
                "--checkpoint.dirpath", str(folder), "--trainer.enable_progress_bar", "false"]
     if folder.is_dir() and checkpointing.folder_checkpoints(folder):
         command += ["--ckpt_path", "last"]
@@ -102,7 +119,7 @@ def launch(specs: list[str], cpus: list[int], dry_run: bool, tracking_uri: str =
            runs: Path = RUNS) -> list[str]:
     """Start (or resume) the runs in the background; returns one line per run saying what was done.
 
-    specs: ``<task>:<seed>`` strings.
+    specs: ``<task>:<seed>[:<actor>]`` strings.
     cpus: cores to pin the runs to, one per run in order (empty: not pinned).
     dry_run: only say what would run.
     tracking_uri: MLflow tracking URI of the benchmark's store.
@@ -112,12 +129,12 @@ def launch(specs: list[str], cpus: list[int], dry_run: bool, tracking_uri: str =
         raise ValueError(f"--cpus names {len(cpus)} cores for {len(parsed)} runs; give one per run or none")
     runs.mkdir(parents=True, exist_ok=True)
     lines = []
-    for index, (task, seed) in enumerate(parsed):
-        if run_name(seed) in reproduce.finished_run_names(TASKS[task].env_id, tracking_uri):
-            lines.append(f"{task}:{seed} FINISHED in {tracking_uri}: skipped")
+    for index, ((task, seed, actor), spec) in enumerate(zip(parsed, specs, strict=True)):
+        if run_name(seed, actor) in reproduce.finished_run_names(TASKS[task].env_id, tracking_uri):
+            lines.append(f"{spec} FINISHED in {tracking_uri}: skipped")
             continue
-        command = fit_command(task, seed, tracking_uri, runs)
-        log = runs / f"{TASKS[task].config}-seed{seed}.log"
+        command = fit_command(task, seed, tracking_uri, runs, actor)
+        log = runs / f"{run_folder(task, seed, actor)}.log"
         if dry_run:
             lines.append(" ".join(command))
             continue
@@ -127,7 +144,7 @@ def launch(specs: list[str], cpus: list[int], dry_run: bool, tracking_uri: str =
                                        env={"MUJOCO_GL": "egl", **os.environ, "OMP_NUM_THREADS": "1"},
                                        preexec_fn=functools.partial(os.sched_setaffinity, 0, core) if core else None)
         resumed = "resumed" if "--ckpt_path" in command else "started"
-        lines.append(f"{task}:{seed} {resumed}, pid {process.pid}, log {log}")
+        lines.append(f"{spec} {resumed}, pid {process.pid}, log {log}")
     return lines
 
 
@@ -242,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("launch", help="start or resume runs in the background")
-    start.add_argument("runs", nargs="+", help=f"<task>:<seed>, task in {sorted(TASKS)}")
+    start.add_argument("runs", nargs="+", help=f"<task>:<seed>[:<actor>], task in {sorted(TASKS)}, "
+                       f"actor in {sorted(ACTORS)} (default diffusion)")
     start.add_argument("--cpus", type=int, nargs="*", default=[], help="one core per run to pin it to")
     start.add_argument("--dry-run", action="store_true", help="print the fit commands only")
     show = commands.add_parser("report", help="JSON, figures and the markdown tables")

@@ -6,7 +6,7 @@ free ports, torn down afterwards. It runs jobs as the calling user; the daemons 
         subprocess.run(["sbatch", ...], env=cluster.env)   # or os.environ.update(cluster.env)
 
 Also a command line, to try the commands of the README by hand (``python tests/slurm_cluster.py /tmp/slurm``
-prints the ``export SLURM_CONF=...`` line and keeps the cluster up until Ctrl-C).
+prints the ``export SLURM_CONF=...`` line and keeps the cluster up until Ctrl-C or SIGTERM).
 """
 
 from __future__ import annotations
@@ -144,8 +144,13 @@ class LocalSlurm:
         self.processes.clear()
 
 
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM too (a background shell job ignores SIGINT): tear the cluster down
+
+
 if __name__ == "__main__":
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/dime-slurm")
+    signal.signal(signal.SIGTERM, _stop)
     with LocalSlurm(folder) as cluster:
         print(f"export SLURM_CONF={cluster.env['SLURM_CONF']}", flush=True)
         try:

@@ -152,10 +152,11 @@ def test_requeue_and_time_limit_resume_into_the_same_run(tmp_path, cluster, serv
 def test_srun_runs_a_two_rank_ddp_fit(tmp_path, cluster, server):
     script = tmp_path / "ddp.sh"
     script.write_text("\n".join([
-        "#!/bin/bash", "#SBATCH --ntasks 2", "#SBATCH --cpus-per-task 1", "#SBATCH --time 15",
+        "#!/bin/bash", "#SBATCH --nodes 1 --ntasks-per-node 2 --cpus-per-task 1 --time 15",
         f"#SBATCH --output {tmp_path / 'ddp.out'}",
-        f"srun --kill-on-bad-exit=1 {sys.executable} -m dime_lightning.fit --config {ROOT / 'conf' / 'pendulum.yaml'} "
-        f"--config {SMOKE} --trainer.strategy ddp --trainer.devices 2 --trainer.num_nodes 1 "
+        f"srun --ntasks 2 --kill-on-bad-exit=1 {sys.executable} -m dime_lightning.fit "
+        f"--config {ROOT / 'conf' / 'pendulum.yaml'} --config {SMOKE} "
+        "--trainer.strategy ddp --trainer.devices 2 --trainer.num_nodes 1 "
         f"--trainer.callbacks+=ddp_probe.SaveRankState --mlflow.tracking_uri {server.uri} "
         f"--mlflow.experiment_name srun-ddp --checkpoint.dirpath {tmp_path / 'ckpt'} "
         "--trainer.enable_progress_bar false", ""]))
