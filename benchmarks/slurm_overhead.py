@@ -112,7 +112,7 @@ def requeue_cost(workdir: Path, uri: str, total: int, at_step: int) -> dict:
         time.sleep(0.5)
     run = runs(uri, "requeue")["pendulum-seed0"]
     points = timeline(uri, run.info.run_id)
-    before = [(t, s) for t, s in points if t <= requeued + 30]
+    before = [(t, s) for t, s in points if t < running_again]  # the first attempt's
     after = [(t, s) for t, s in points if t > running_again]
     final = torch.load(folder / "final.ckpt", weights_only=False, map_location="cpu")
     last_before = max(before)

@@ -1,4 +1,8 @@
-"""Errors that stop a run with a message naming the problem."""
+"""Errors that stop a run with a message naming the problem, and the fit's exit codes for them."""
+
+# python -m dime_lightning.fit exits with: bad input, non-finite values, no disk space, stopped by SIGTERM
+# (checkpoint written; 128 + 15 as a shell reports a process SIGTERM killed)
+EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_NO_SPACE, EXIT_SIGTERM = 2, 3, 4, 143
 
 
 class NonFiniteError(FloatingPointError):

@@ -34,7 +34,14 @@ from dime_lightning.compat import datamodule_checkpoint_key
 from dime_lightning.configs import resolve_config_args
 from dime_lightning.data import ReplayDataModule
 from dime_lightning.distributed import resolve_strategy
-from dime_lightning.errors import DiskSpaceError, NonFiniteError
+from dime_lightning.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_NO_SPACE,
+    EXIT_NONFINITE,
+    EXIT_SIGTERM,
+    DiskSpaceError,
+    NonFiniteError,
+)
 from dime_lightning.module import DIMEModule
 from dime_lightning.safe_checkpoint import checkpoint_globals
 from dime_lightning.tracking import (
@@ -57,7 +64,6 @@ TRAINER_DEFAULTS = {
     "accelerator": "auto",
     "devices": 1,
 }
-EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_NO_SPACE, EXIT_SIGTERM = 2, 3, 4, 143
 SUPPORTED_PRECISION = ("32", "32-true", "bf16-mixed")
 
 

@@ -18,7 +18,7 @@ Arguments after ``--`` go to every fit. At the end: ``compare --reference paper`
 ``<workdir>/compare.png`` and ``compare.csv``. Unknown tasks, tasks without a published reference and a missing
 dm_control or myosuite stop the command before any run starts (exit 2).
 
-On a SLURM cluster (``pip install 'dime_lightning[slurm]'``, from a login node; the store an ``mlflow server``):
+On a SLURM cluster (the ``slurm`` extra, from a login node; the store an ``mlflow server``):
 
     python -m dime_lightning.reproduce --tasks all-dmc --seeds 10 --launcher slurm --tracking-uri http://HOST:5000 \
         --slurm-partition gpu --slurm-gpus 1 --slurm-cpus 8 --slurm-time 240 -- --trainer.accelerator gpu
@@ -230,15 +230,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_slurm(args: argparse.Namespace, uri: str) -> slurm.SlurmOptions:
     options = slurm.options_from_args(args)
-    try:
-        options.check()
-        slurm.check_programs()
-    except slurm.SlurmError as err:
-        raise ReproduceError(str(err)) from err
+    options.check()
     if not uri.startswith(("http://", "https://")):
         raise ReproduceError(f"--launcher slurm needs an MLflow tracking server every job reaches (--tracking-uri "
                              f"http://HOST:PORT, from `mlflow server --backend-store-uri postgresql://...`), not "
                              f"{uri!r}: hundreds of jobs must not write one file store on a shared file system")
+    slurm.check_programs()
     from dime_lightning.tracking import TrackingError, check_tracking_uri  # imports Lightning: only when needed
 
     try:

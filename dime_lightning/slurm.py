@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dime_lightning.checkpointing import folder_checkpoints
+from dime_lightning.errors import EXIT_SIGTERM
 
 REGISTRY = "slurm_jobs.json"
-EXIT_SIGTERM = 143  # the fit's exit code after SIGTERM (checkpoint written)
 SBATCH_KEY = re.compile(r"[a-z][a-z0-9-]*")
 PROGRAMS = ("sbatch", "srun", "squeue", "scontrol")
 RESERVED = {"signal": "--slurm-signal-delay (the checkpoint signal is SIGUSR2)", "time": "--slurm-time",
@@ -135,7 +135,8 @@ def check_programs() -> None:
     try:
         import submitit  # noqa: F401
     except ImportError as err:
-        raise SlurmError("--launcher slurm needs submitit: pip install 'dime_lightning[slurm]'") from err
+        raise SlurmError("--launcher slurm needs submitit: install the slurm extra (pip install "
+                         "'dime-lightning[slurm]' or, in a checkout, pip install -e '.[slurm]')") from err
     missing = [name for name in PROGRAMS if shutil.which(name) is None]
     if missing:
         raise SlurmError(f"--launcher slurm needs the SLURM client programs; not on PATH: {', '.join(missing)}")
