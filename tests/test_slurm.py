@@ -113,16 +113,15 @@ def newest_step(folder: Path) -> int:
 
 
 def test_requeue_and_time_limit_resume_into_the_same_run(tmp_path, cluster, server, capsys):
-    total = 900
-    fit_args = ["--", "--data.total_env_steps", str(total), "--checkpoint.every_env_steps", "100",
-                "--eval.every_env_steps", "300"]
     # seed 0: requeued by hand (as a preemption would) once it has a checkpoint; seed 1: a 2-minute limit,
     # shorter than its run (the checkpoint signal comes 40 s before it, up to 60 s earlier)
+    totals = {"pendulum-seed0": 900, "pendulum-seed1": 1200}
     workdir = tmp_path / "runs"
-    assert reproduce.main([*reproduce_args(workdir, server, "requeue", "--seeds", "1", "--slurm-time", "20"),
-                           *fit_args]) == 0
-    assert reproduce.main([*reproduce_args(workdir, server, "requeue", "--seeds", "1", "--first-seed", "1",
-                                           "--slurm-time", "2", "--slurm-signal-delay", "40"), *fit_args]) == 0
+    for seed, slurm_args in ((0, ["--slurm-time", "20"]), (1, ["--slurm-time", "2", "--slurm-signal-delay", "40"])):
+        fit_args = ["--", "--data.total_env_steps", str(totals[f"pendulum-seed{seed}"]),
+                    "--checkpoint.every_env_steps", "100", "--eval.every_env_steps", "300"]
+        assert reproduce.main([*reproduce_args(workdir, server, "requeue", "--seeds", "1", "--first-seed", str(seed),
+                                               *slurm_args), *fit_args]) == 0
     registry = slurm.read_registry(workdir)
     requeued = []
 
@@ -135,14 +134,20 @@ def test_requeue_and_time_limit_resume_into_the_same_run(tmp_path, cluster, serv
     assert requeued
     runs = runs_of(server, "requeue")
     assert sorted(run.info.run_name for run in runs) == ["pendulum-seed0", "pendulum-seed1"]  # one run per seed
-    mlflow.set_tracking_uri(server.uri)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(server.uri)  # assert_histories_strictly_increasing reads the default store
+    try:
+        for run in runs:
+            assert run.info.status == "FINISHED", run.info.run_name
+            assert_histories_strictly_increasing(run.info.run_id)
+    finally:
+        mlflow.set_tracking_uri(previous)
     for run in runs:
         name = run.info.run_name
-        assert run.info.status == "FINISHED", name
-        assert_histories_strictly_increasing(run.info.run_id)
         final = torch.load(workdir / name / "final.ckpt", weights_only=False, map_location="cpu")
         assert final["mlflow"]["run_id"] == run.info.run_id
         # the counters of an uninterrupted run: nothing lost or repeated across the stops
+        total = totals[name]
         assert final["dime_counters"] == {"env_steps": total, "critic_updates": 2 * (total - 100),
                                           "actor_updates": 2 * (total - 100) // 3, "skipped_updates": 0}
         log = (workdir / f"{name}.log").read_text()
@@ -173,3 +178,15 @@ def test_srun_runs_a_two_rank_ddp_fit(tmp_path, cluster, server):
         assert torch.equal(value, states[1]["state"][key]), key
     runs = runs_of(server, "srun-ddp")
     assert [run.info.status for run in runs] == ["FINISHED"]  # one run: rank 0's
+
+
+def test_a_fit_that_fails_ends_its_job_failed_without_requeue(tmp_path, cluster, server, capsys):
+    args = reproduce_args(tmp_path / "runs", server, "failing", "--seeds", "1", "--slurm-time", "10", "--wait",
+                          "--", "--data.total_env_steps", "-5")
+    assert reproduce.main(args) == 1
+    captured = capsys.readouterr()
+    assert "runs not FINISHED" in captured.err and "pendulum-seed0" in captured.err
+    job = slurm.read_registry(tmp_path / "runs")["pendulum-seed0"]
+    assert slurm.final_state(job) == "FAILED"
+    log = (tmp_path / "runs" / "pendulum-seed0.log").read_text()
+    assert log.count("=== SLURM job") == 1 and "total_env_steps" in log  # one attempt; the fit said why
