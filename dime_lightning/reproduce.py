@@ -325,7 +325,11 @@ def main(argv: list[str] | None = None) -> int:
             for seed in range(args.first_seed, args.first_seed + args.seeds)]
     metrics = {name: reference.published_metric(task.env_id) for task, _, name in runs}
     if args.status:
-        statuses = _report([name for _, _, name in runs], metrics, args, uri)
+        try:
+            statuses = _report([name for _, _, name in runs], metrics, args, uri)
+        except slurm.SlurmError as err:
+            sys.stderr.write(f"dime_lightning.reproduce: error: {err}\n")
+            return 2
         return 0 if all(status == "FINISHED" for status in statuses.values()) else 1
     args.workdir.mkdir(parents=True, exist_ok=True)
     done = set() if args.dry_run else finished_run_names(args.experiment, uri)

@@ -34,6 +34,7 @@ from dime_lightning.errors import EXIT_SIGTERM
 
 REGISTRY = "slurm_jobs.json"
 SBATCH_KEY = re.compile(r"[a-z][a-z0-9-]*")
+JOB_ID = re.compile(r"\d+(_\d+)?")  # a job, or one task of an array
 PROGRAMS = ("sbatch", "srun", "squeue", "scontrol")
 RESERVED = {"signal": "--slurm-signal-delay (the checkpoint signal is SIGUSR2)", "time": "--slurm-time",
             "job-name": "the run name", "output": "submitit", "error": "submitit", "nodes": "reproduce (1 per job)",
@@ -224,9 +225,14 @@ def read_registry(workdir: Path) -> dict[str, str]:
     path = workdir / REGISTRY
     if not path.is_file():
         return {}
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
-        raise SlurmError(f"{path} is not a JSON object of run name -> job id")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise SlurmError(f"{path}: not readable as JSON ({err}); move it away to submit afresh") from err
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) and JOB_ID.fullmatch(v)
+                                             for k, v in data.items()):
+        raise SlurmError(f"{path} is not a JSON object of run name -> SLURM job id (digits); move it away to submit "
+                         "afresh")
     return data
 
 

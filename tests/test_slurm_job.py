@@ -98,3 +98,11 @@ def test_wait_is_for_the_slurm_launcher(tmp_path, capsys):
     assert reproduce.main(["--tasks", "pendulum", "--reference", "none", "--wait", "--workdir",
                            str(tmp_path)]) == 2
     assert "--wait is for --launcher slurm" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"pendulum-seed0": "12; rm -rf /"}', "[1, 2]"])
+def test_a_damaged_job_registry_is_refused_with_its_path(tmp_path, capsys, content):
+    (tmp_path / slurm.REGISTRY).write_text(content)
+    assert reproduce.main(["--tasks", "pendulum", "--reference", "none", "--status", "--workdir",
+                           str(tmp_path)]) == 2
+    assert f"{tmp_path / slurm.REGISTRY}" in capsys.readouterr().err
