@@ -165,14 +165,17 @@ def snapshot(tracking_uri: str, folder: Path) -> str:
     return f"{prefix}{copy}"
 
 
-def seed_curves(env_id: str, tracking_uri: str) -> dict[str, list[list[float]]]:
-    """seed → [[env_step, value], ...] of the DIME runs of one task, straight from MLflow, on the task's published
-    metric (``eval/return_mean``; ``eval/success_rate`` for MyoSuite).
+def seed_curves(env_id: str, tracking_uri: str, group: str = "DIME") -> dict[str, list[list[float]]]:
+    """seed → [[env_step, value], ...] of one actor's runs of one task, straight from MLflow, on the task's
+    published metric (``eval/return_mean``; ``eval/success_rate`` for MyoSuite).
 
     env_id: the task's env id (its MLflow experiment).
-    tracking_uri: MLflow tracking URI."""
+    tracking_uri: MLflow tracking URI.
+    group: the actor, as ``compare`` labels it (``DIME`` or ``Gaussian``)."""
     runs = compare.find_runs(env_id, tracking_uri, compare.DEFAULT_GROUP)
-    runs = runs[runs.group == "DIME"]
+    runs = runs[runs.group == group]
+    if runs.empty:
+        return {}
     histories = compare.metric_histories(runs, reference.published_metric(env_id), tracking_uri)
     curves = {}
     for run_id, seed in zip(runs.run_id, runs["params.seed_everything"], strict=True):
@@ -181,20 +184,34 @@ def seed_curves(env_id: str, tracking_uri: str) -> dict[str, list[list[float]]]:
     return dict(sorted(curves.items(), key=lambda item: int(item[0])))
 
 
-def task_rows(task: str, curves: dict[str, list[list[float]]], reps: int) -> list[dict]:
-    """One row per evaluated env step: the seeds' mean beside the published mean, min–max band and IQM.
-
-    task: a key of ``TASKS``.
-    curves: seed → [[env_step, return], ...] from ``seed_curves``.
-    reps: bootstrap replications of the published IQM's confidence interval."""
-    steps, published = reference.reference_seeds(reference.reference_task(TASKS[task].env_id).task)
+def _by_step(curves: dict[str, list[list[float]]]) -> dict[int, list[float]]:
     by_step: dict[int, list[float]] = {}
     for points in curves.values():
         for step, value in points:
             by_step.setdefault(int(step), []).append(value)
+    return by_step
+
+
+def task_rows(task: str, curves: dict[str, list[list[float]]], reps: int,
+              gaussian: dict[str, list[list[float]]] | None = None) -> list[dict]:
+    """One row per evaluated env step: the seeds' mean beside the published mean, min–max band and IQM (and the
+    Gaussian actor's mean where it has runs).
+
+    task: a key of ``TASKS``.
+    curves: seed → [[env_step, return], ...] from ``seed_curves``.
+    reps: bootstrap replications of the published IQM's confidence interval.
+    gaussian: the Gaussian actor's ``seed_curves`` (none: no column)."""
+    steps, published = reference.reference_seeds(reference.reference_task(TASKS[task].env_id).task)
+    by_step, other = _by_step(curves), _by_step(gaussian or {})
     rows = []
-    for step in sorted(by_step):
-        row = {"env_steps": step, "seeds": len(by_step[step]), "return_mean": float(np.mean(by_step[step]))}
+    for step in sorted(by_step.keys() | other.keys()):
+        row = {"env_steps": step}
+        if step in other:
+            row.update({"gaussian_seeds": len(other[step]), "gaussian_mean": float(np.mean(other[step]))})
+        if step not in by_step:
+            rows.append(row)
+            continue
+        row.update({"seeds": len(by_step[step]), "return_mean": float(np.mean(by_step[step]))})
         if step in steps:
             values = published[list(steps).index(step)]
             interval = aggregates.iqm_ci(values, reps=reps)
@@ -213,12 +230,19 @@ def markdown(task: str, rows: list[dict]) -> str:
     task: a key of ``TASKS``.
     rows: from ``task_rows``."""
     metric = reference.published_metric(TASKS[task].env_id)
+    gaussian = any("gaussian_mean" in row for row in rows)
     lines = [f"**{TASKS[task].env_id}** (`{metric}`)", "",
-             "| env steps | this: mean over seeds (5 stochastic episodes each) | paper mean (10 seeds) "
-             "| paper min–max | paper IQM [95 % CI] | inside the band |", "|---:|---:|---:|---:|---:|:---:|"]
+             "| env steps | this: mean over seeds (5 stochastic episodes each) | "
+             + ("Gaussian actor, same machinery | " if gaussian else "")
+             + "paper mean (10 seeds) | paper min–max | paper IQM [95 % CI] | inside the band |",
+             "|---:|---:|" + ("---:|" if gaussian else "") + "---:|---:|---:|:---:|"]
     digits = 2 if metric == reference.SUCCESS_METRIC else 1
     for row in rows:
-        ours = f"| {row['env_steps']:,} | {row['return_mean']:.{digits}f} (n={row['seeds']}) |"
+        ours = (f"| {row['env_steps']:,} | "
+                + (f"{row['return_mean']:.{digits}f} (n={row['seeds']}) |" if "return_mean" in row else "– |"))
+        if gaussian:
+            ours += (f" {row['gaussian_mean']:.{digits}f} (n={row['gaussian_seeds']}) |" if "gaussian_mean" in row
+                     else " – |")
         if "paper_mean" not in row:
             lines.append(f"{ours} – | – | – | – |")
             continue
@@ -236,7 +260,7 @@ def report(tracking_uri: str = TRACKING_URI, results: Path = RESULTS, reps: int 
     results: folder of the JSON and PNGs.
     reps: bootstrap replications of the IQM confidence intervals."""
     results.mkdir(parents=True, exist_ok=True)
-    data, tables = {}, []
+    data, gaussian, tables = {}, {}, []
     with tempfile.TemporaryDirectory() as folder:
         uri = snapshot(tracking_uri, Path(folder))
         for task, spec in TASKS.items():
@@ -245,10 +269,18 @@ def report(tracking_uri: str = TRACKING_URI, results: Path = RESULTS, reps: int 
             except compare.CompareError as err:  # this task has no runs (yet)
                 tables.append(f"**{spec.env_id}**: {err}")
                 continue
+            if not data[spec.env_id]:
+                del data[spec.env_id]
+                tables.append(f"**{spec.env_id}**: no DIME runs")
+                continue
+            if found := seed_curves(spec.env_id, uri, "Gaussian"):
+                gaussian[spec.env_id] = found
             compare.compare(spec.env_id, tracking_uri=uri, out=results / f"paper_tasks_cpu_{spec.config}.png",
                             reference_source="paper", reps=reps)
-            tables.append(markdown(task, task_rows(task, data[spec.env_id], reps)))
+            tables.append(markdown(task, task_rows(task, data[spec.env_id], reps, gaussian.get(spec.env_id))))
     (results / "paper_tasks_cpu.json").write_text(json.dumps(data, indent=1) + "\n")
+    if gaussian:
+        (results / "paper_tasks_cpu_gaussian.json").write_text(json.dumps(gaussian, indent=1) + "\n")
     return "\n\n".join(tables)
 
 

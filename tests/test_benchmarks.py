@@ -99,16 +99,19 @@ def test_soak_benchmark_tiny(tmp_path):
     assert result["samples"] and all(s["open_fds"] > 0 and s["rss_mib"] > 0 for s in result["samples"])
 
 
-def _paper_task_runs(uri: str, curves: dict[str, dict[int, list[float]]]) -> None:
-    """DIME runs named as the benchmark names them: env id → seed → returns at 24k, 48k and 72k env steps."""
+def _paper_task_runs(uri: str, curves: dict[str, dict[int, list[float]]], actor: str = "diffusion") -> None:
+    """Runs named as the benchmark names them: env id → seed → returns at 24k, 48k and 72k env steps."""
     import mlflow
 
+    class_path = {"diffusion": "dime_lightning.actor.DiffusionActor",
+                  "gaussian": "dime_lightning.gaussian.TanhGaussianActor"}[actor]
     client = mlflow.MlflowClient(uri)
     for env_id, seeds in curves.items():
-        experiment_id = client.create_experiment(env_id)
+        found = client.get_experiment_by_name(env_id)
+        experiment_id = found.experiment_id if found else client.create_experiment(env_id)
         for seed, values in seeds.items():
-            run = client.create_run(experiment_id, run_name=f"cpu-seed{seed}")
-            for key, value in (("model.actor.class_path", "dime_lightning.actor.DiffusionActor"),
+            run = client.create_run(experiment_id, run_name=load("paper_tasks_cpu").run_name(seed, actor))
+            for key, value in (("model.actor.class_path", class_path),
                                ("data.env_id", env_id), ("seed_everything", str(seed))):
                 client.log_param(run.info.run_id, key, value)
             for step, value in zip((24_000, 48_000, 72_000), values, strict=True):
@@ -135,6 +138,15 @@ def test_paper_tasks_report_sets_each_seed_beside_the_published_band(tmp_path):
     assert [row["in_band"] for row in rows] == [True, False, True] and rows[1]["seeds"] == 2
     rows = bench.task_rows("pendulum-swingup", data["dm_control/pendulum-swingup"], reps=200)
     assert [row["in_band"] for row in rows] == [True, True, False]
+    assert not (tmp_path / "results" / "paper_tasks_cpu_gaussian.json").exists()
+    # a Gaussian-actor run of the same task: its own column and file, the DIME rows unchanged
+    _paper_task_runs(uri, {"dm_control/pendulum-swingup": {0: [0.0, 400.0, 800.0]}}, actor="gaussian")
+    tables = bench.report(uri, tmp_path / "results", reps=200)
+    assert "| 72,000 | 700.0 (n=1) | 800.0 (n=1) | 815.4 | [718.6, 894.8] |" in tables
+    assert "| 48,000 | 200.0 (n=2) | 314.7 |" in tables  # cheetah-run has no Gaussian run: no column
+    gaussian = json.loads((tmp_path / "results" / "paper_tasks_cpu_gaussian.json").read_text())
+    assert gaussian == {"dm_control/pendulum-swingup": {"0": [[24000, 0.0], [48000, 400.0], [72000, 800.0]]}}
+    assert json.loads((tmp_path / "results" / "paper_tasks_cpu.json").read_text()) == data
 
 
 def test_paper_tasks_launch_resumes_a_folder_with_checkpoints_and_skips_finished_runs(tmp_path, capsys):
@@ -143,8 +155,11 @@ def test_paper_tasks_launch_resumes_a_folder_with_checkpoints_and_skips_finished
     _paper_task_runs(uri, {"dm_control/cheetah-run": {1: [50.0, 300.0, 500.0]}})  # seed 1 FINISHED
     (runs / "dmc_pendulum_swingup-seed0").mkdir(parents=True)
     (runs / "dmc_pendulum_swingup-seed0" / "step-0000008000.ckpt").write_bytes(b"")  # a checkpoint: resume
-    lines = bench.launch(["cheetah-run:0", "cheetah-run:1", "pendulum-swingup:0"], [], True, uri, runs)
-    fresh, finished, resumed = lines
+    lines = bench.launch(["cheetah-run:0", "cheetah-run:1", "pendulum-swingup:0", "pendulum-swingup:0:gaussian"],
+                         [], True, uri, runs)
+    fresh, finished, resumed, gaussian = lines
+    assert "conf/gaussian.yaml" in gaussian and "--mlflow.run_name cpu-gaussian-seed0" in gaussian
+    assert "dmc_pendulum_swingup-gaussian-seed0" in gaussian and "--ckpt_path" not in gaussian
     assert "--config" in fresh and "dmc_cheetah_run.yaml" in fresh and "--data.total_env_steps 48000" in fresh
     assert "--seed_everything 0 --mlflow.run_name cpu-seed0" in fresh and "--ckpt_path" not in fresh
     assert finished.startswith("cheetah-run:1 FINISHED") and "skipped" in finished
