@@ -9,6 +9,7 @@ import pickle
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -51,10 +52,17 @@ def test_the_time_limit_signal_stops_the_fit_and_hands_the_job_back(tmp_path):
         handed_back.append(job.checkpoint())
         raise Requeued
 
+    def signal_once_ready() -> None:  # the stand-in has set its SIGTERM handler (a slow start is not the test)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "\nusr2 " not in (tmp_path / "fit.log").read_text():
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
     previous = signal.signal(signal.SIGUSR2, on_usr2)
     try:
         os.environ["SLURM_RESTART_COUNT"] = "2"
-        threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGUSR2)).start()
+        (tmp_path / "fit.log").write_text("")
+        threading.Thread(target=signal_once_ready, daemon=True).start()
         with pytest.raises(Requeued):
             job()
     finally:
