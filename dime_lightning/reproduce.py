@@ -286,9 +286,9 @@ def _launch_slurm(plan: list[tuple[str, list[str]]], options: slurm.SlurmOptions
                            stop_timeout_s=max(10, options.signal_delay_s - 30))
         jobs.append((name, job))
     print(f"{len(jobs)} jobs to submit into experiment {args.experiment!r}", flush=True)
-    slurm.submit(jobs, options, args.workdir)
+    registry.update(slurm.submit(jobs, options, args.workdir))
     if args.wait:
-        ids = [registry_id for name, _ in plan if (registry_id := slurm.read_registry(args.workdir).get(name))]
+        ids = [registry[name] for name, _ in plan if name in registry]
         while slurm.queued_states(ids):
             time.sleep(args.poll)
 

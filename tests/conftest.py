@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from mlflow_server import Server
 
 
 @pytest.fixture(autouse=True)
@@ -18,3 +19,12 @@ def _isolated_tracking_uri():
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Server:
+    """A local ``mlflow server`` (sqlite backend) for the tests of one module."""
+    server = Server(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    server.stop()

@@ -40,14 +40,6 @@ def cluster(tmp_path_factory):
         os.environ["SLURM_CONF"] = saved
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server = Server(tmp_path_factory.mktemp("mlflow-server"))
-    server.start()
-    yield server
-    server.stop()
-
-
 def reproduce_args(workdir: Path, server: Server, experiment: str, *more: str) -> list[str]:
     return ["--tasks", "pendulum", "--overlay", str(SMOKE), "--reference", "none", "--launcher", "slurm",
             "--tracking-uri", server.uri, "--workdir", str(workdir), "--experiment", experiment, "--poll", "2",

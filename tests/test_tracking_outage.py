@@ -26,14 +26,6 @@ SHORT_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BA
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server = Server(tmp_path_factory.mktemp("mlflow-server"))
-    server.start()
-    yield server
-    server.stop()
-
-
 def start_fit(tmp_path: Path, uri: str, *args: str) -> tuple[subprocess.Popen, Path]:
     command = [sys.executable, "-m", "dime_lightning.fit", *BASE, "--data.total_env_steps", str(TOTAL),
                "--checkpoint.every_env_steps", "50", "--checkpoint.keep", "100", "--checkpoint.save_buffer", "false",
