@@ -63,10 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         while child.poll() is None:
             try:
                 with process.oneshot():
-                    samples.append({"seconds": round(time.monotonic() - started, 1), "env_steps": newest_step(folder),
-                                    "rss_mib": process.memory_info().rss / 2**20, "open_fds": process.num_fds()})
+                    sample = {"seconds": round(time.monotonic() - started, 1), "env_steps": newest_step(folder),
+                              "rss_mib": process.memory_info().rss / 2**20, "open_fds": process.num_fds()}
             except psutil.NoSuchProcess:
                 break
+            if not (sample["rss_mib"] and sample["open_fds"]):  # exited, not yet reaped: reads as 0 MiB, 0 fds
+                break
+            samples.append(sample)
             time.sleep(args.every)
         code = child.wait()
         tail = (Path(workdir) / "fit.log").read_text()[-2000:]

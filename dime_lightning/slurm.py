@@ -131,13 +131,29 @@ def options_from_args(args: argparse.Namespace) -> SlurmOptions:
                         tuple(args.slurm_sbatch))
 
 
-def check_programs() -> None:
-    """``SlurmError`` when submitit or the SLURM client programs are missing (not on a login node)."""
+def _submitit():
+    """The submitit module, imported without its logging set-up: on import it calls ``logging.config.dictConfig``,
+    which closes every logging handler of the process (a handler that closes its stream, as absl's does, then
+    closes a stream it shares with others). ``SUBMITIT_LOG_LEVEL=NOCONFIG`` (submitit's own switch) skips that,
+    for this import only: the jobs' environment keeps the user's setting. ``SlurmError`` without submitit."""
+    saved = os.environ.get("SUBMITIT_LOG_LEVEL")
+    os.environ["SUBMITIT_LOG_LEVEL"] = "NOCONFIG"
     try:
-        import submitit  # noqa: F401
+        import submitit
     except ImportError as err:
         raise SlurmError("--launcher slurm needs submitit: install the slurm extra (pip install "
                          "'dime-lightning[slurm]' or, in a checkout, pip install -e '.[slurm]')") from err
+    finally:
+        if saved is None:
+            os.environ.pop("SUBMITIT_LOG_LEVEL", None)
+        else:
+            os.environ["SUBMITIT_LOG_LEVEL"] = saved
+    return submitit
+
+
+def check_programs() -> None:
+    """``SlurmError`` when submitit or the SLURM client programs are missing (not on a login node)."""
+    _submitit()
     missing = [name for name in PROGRAMS if shutil.which(name) is None]
     if missing:
         raise SlurmError(f"--launcher slurm needs the SLURM client programs; not on PATH: {', '.join(missing)}")
@@ -275,9 +291,7 @@ def submit(jobs: list[tuple[str, FitJob]], options: SlurmOptions, workdir: Path)
     jobs: run names and their jobs.
     options: the job settings.
     workdir: the reproduction's folder (submitit's files go to ``<workdir>/submitit``)."""
-    import submitit
-
-    executor = submitit.SlurmExecutor(folder=workdir / "submitit" / "%j", max_num_timeout=options.max_requeues)
+    executor = _submitit().SlurmExecutor(folder=workdir / "submitit" / "%j", max_num_timeout=options.max_requeues)
     executor.update_parameters(**options.executor_parameters())
     registry = read_registry(workdir)
     submitted = {}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -114,3 +115,28 @@ def test_a_damaged_job_registry_is_refused_with_its_path(tmp_path, capsys, conte
     assert reproduce.main(["--tasks", "pendulum", "--reference", "none", "--status", "--workdir",
                            str(tmp_path)]) == 2
     assert f"{tmp_path / slurm.REGISTRY}" in capsys.readouterr().err
+
+
+# a handler that closes its stream when logging shuts it down, as absl's does (its stream is shared: sys.stderr)
+SHARED_STREAM = ("import io, logging, os, sys\n"
+                 "class Closing(logging.StreamHandler):\n"
+                 "    def close(self):\n"
+                 "        self.stream.close()\n"
+                 "        super().close()\n"
+                 "stream = io.StringIO()\n"
+                 "logging.getLogger('user').addHandler(Closing(stream))\n"
+                 "from dime_lightning import slurm\n"
+                 "try:\n"
+                 "    slurm.check_programs()\n"
+                 "except slurm.SlurmError:\n"
+                 "    pass\n"
+                 "assert 'submitit' in sys.modules\n"
+                 "print('closed', stream.closed, 'env', os.environ.get('SUBMITIT_LOG_LEVEL'))\n")
+
+
+def test_importing_submitit_leaves_the_process_logging_handlers_alone():
+    pytest.importorskip("submitit")
+    out = subprocess.run([sys.executable, "-c", SHARED_STREAM], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "SUBMITIT_LOG_LEVEL"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["closed", "False", "env", "None"]  # and the jobs' environment is unchanged
