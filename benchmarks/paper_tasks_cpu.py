@@ -8,6 +8,7 @@ background, torch on one thread, optionally pinned to a core; a run whose folder
     python benchmarks/paper_tasks_cpu.py launch cheetah-run:0 pendulum-swingup:0 --cpus 0 1
     python benchmarks/paper_tasks_cpu.py launch cheetah-run:1 --dry-run      # print the fit command only
     python benchmarks/paper_tasks_cpu.py launch pendulum-swingup:0:gaussian  # the Gaussian actor, same machinery
+    python benchmarks/paper_tasks_cpu.py launch pendulum-swingup:0:brn-warmup-100k  # one CPU deviation undone
 
 Results, at any time (also while the runs write):
 
@@ -17,8 +18,9 @@ Results, at any time (also while the runs write):
 straight from the MLflow runs), one ``compare --reference paper`` figure per task
 (``benchmarks/results/paper_tasks_cpu_<task>.png``), and prints the BENCHMARKS.md tables: each evaluation beside
 the published mean, min–max band and IQM where the paper evaluated at the same env step (on the task's published
-metric: the success rate for MyoSuite). Every run uses the task's paper config with the overlay
-``benchmarks/paper_tasks_cpu.yaml``; its deviations are listed in ``DEVIATIONS``.
+metric: the success rate for MyoSuite), with a column per variant (``VARIANTS``) that has runs. Every run uses the
+task's paper config with the overlay ``benchmarks/paper_tasks_cpu.yaml``; its deviations are listed in
+``DEVIATIONS``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from dime_lightning import aggregates, checkpointing, compare, reference, reproduce
 from dime_lightning.configs import CONF_DIR
@@ -62,53 +66,73 @@ class PaperTask:
 TASKS = {"cheetah-run": PaperTask("dm_control/cheetah-run", "dmc_cheetah_run", 48_000),
          "pendulum-swingup": PaperTask("dm_control/pendulum-swingup", "dmc_pendulum_swingup", 96_000),
          "obj-hold": PaperTask("myoHandObjHoldRandom-v0", "myo_hand_obj_hold_random", 96_000)}
-# the actor of a run: DIME's diffusion actor (the paper's), or the tanh-Gaussian one with identical machinery
-ACTORS = {"diffusion": (), "gaussian": (CONF_DIR / "gaussian.yaml",)}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to run a task: DIME as the overlay sets it, or one change to it with otherwise identical machinery."""
+
+    label: str  # its column and curve name in the report
+    configs: tuple[Path, ...] = ()  # overlays after the task's config, before the CPU overlay
+    overrides: tuple[str, ...] = ()  # settings after the CPU overlay (``--key value`` pairs)
+
+
+VARIANTS = {"diffusion": Variant("DIME"),
+            "gaussian": Variant("Gaussian actor, same machinery", configs=(CONF_DIR / "gaussian.yaml",)),
+            "brn-warmup-100k": Variant("DIME, batch-renorm warm-up 100,000 (the paper's)",
+                                       overrides=("--model.critic.init_args.brn_warmup_steps", "100000"))}
+RUN_NAME = re.compile(rf"cpu-(?:({'|'.join(map(re.escape, VARIANTS))})-)?seed(\d+)")
 
 
 def parse_run(spec: str) -> tuple[str, int, str]:
     """``cheetah-run:0`` → (``cheetah-run``, 0, ``diffusion``), ``pendulum-swingup:0:gaussian`` → (…, ``gaussian``);
     ``ValueError`` naming the spec otherwise.
 
-    spec: ``<task>:<seed>[:<actor>]`` with a task of ``TASKS``, a seed >= 0 and an actor of ``ACTORS``."""
+    spec: ``<task>:<seed>[:<variant>]`` with a task of ``TASKS``, a seed >= 0 and a variant of ``VARIANTS``."""
     task, _, rest = spec.partition(":")
-    seed, _, actor = rest.partition(":")
-    actor = actor or "diffusion"
-    if task not in TASKS or not seed.isdigit() or actor not in ACTORS:
-        raise ValueError(f"run {spec!r}: expected <task>:<seed>[:<actor>] with a task in {sorted(TASKS)}, a seed "
-                         f">= 0 and an actor in {sorted(ACTORS)}")
-    return task, int(seed), actor
+    seed, _, variant = rest.partition(":")
+    variant = variant or "diffusion"
+    if task not in TASKS or not seed.isdigit() or variant not in VARIANTS:
+        raise ValueError(f"run {spec!r}: expected <task>:<seed>[:<variant>] with a task in {sorted(TASKS)}, a seed "
+                         f">= 0 and a variant in {sorted(VARIANTS)}")
+    return task, int(seed), variant
 
 
-def run_name(seed: int, actor: str = "diffusion") -> str:
-    """The MLflow run name of one seed (``cpu-seed0``; ``cpu-gaussian-seed0`` for the Gaussian actor).
+def run_name(seed: int, variant: str = "diffusion") -> str:
+    """The MLflow run name of one seed (``cpu-seed0``; ``cpu-gaussian-seed0`` for the variant ``gaussian``).
 
     seed: the run's seed.
-    actor: a key of ``ACTORS``."""
-    return f"cpu-seed{seed}" if actor == "diffusion" else f"cpu-{actor}-seed{seed}"
+    variant: a key of ``VARIANTS``."""
+    return f"cpu-seed{seed}" if variant == "diffusion" else f"cpu-{variant}-seed{seed}"
 
 
-def run_folder(task: str, seed: int, actor: str = "diffusion") -> str:
+def parse_run_name(name: str) -> tuple[str, int] | None:
+    """(variant, seed) of a run named by ``run_name``; None for any other name."""
+    found = RUN_NAME.fullmatch(name or "")
+    return (found.group(1) or "diffusion", int(found.group(2))) if found else None
+
+
+def run_folder(task: str, seed: int, variant: str = "diffusion") -> str:
     """The name of a run's checkpoint folder under the runs folder (its log: the same + ``.log``)."""
-    return f"{TASKS[task].config}-{run_name(seed, actor).removeprefix('cpu-')}"
+    return f"{TASKS[task].config}-{run_name(seed, variant).removeprefix('cpu-')}"
 
 
 def fit_command(task: str, seed: int, tracking_uri: str = TRACKING_URI, runs: Path = RUNS,
-                actor: str = "diffusion") -> list[str]:
+                variant: str = "diffusion") -> list[str]:
     """The fit command of one (task, seed): fresh, or ``--ckpt_path last`` when its folder holds checkpoints.
 
     task: a key of ``TASKS``.
     seed: the run's seed.
     tracking_uri: MLflow tracking URI of the benchmark's store.
     runs: the folder of the runs' checkpoint folders and logs.
-    actor: a key of ``ACTORS`` (its overlay comes after the task's config, before the CPU overlay)."""
-    spec = TASKS[task]
-    folder = runs / run_folder(task, seed, actor)
-    configs = [arg for path in (CONF_DIR / f"{spec.config}.yaml", *ACTORS[actor], OVERLAY)
+    variant: a key of ``VARIANTS``."""
+    spec, chosen = TASKS[task], VARIANTS[variant]
+    folder = runs / run_folder(task, seed, variant)
+    configs = [arg for path in (CONF_DIR / f"{spec.config}.yaml", *chosen.configs, OVERLAY)
                for arg in ("--config", str(path))]
-    command = [sys.executable, "-m", "dime_lightning.fit", *configs,
+    command = [sys.executable, "-m", "dime_lightning.fit", *configs, *chosen.overrides,
                "--data.total_env_steps", str(spec.env_steps), "--seed_everything",
-               str(seed), "--mlflow.run_name", run_name(seed, actor), "--mlflow.tracking_uri", tracking_uri,
+               str(seed), "--mlflow.run_name", run_name(seed, variant), "--mlflow.tracking_uri", tracking_uri,
                "--checkpoint.dirpath", str(folder), "--trainer.enable_progress_bar", "false"]
     if folder.is_dir() and checkpointing.folder_checkpoints(folder):
         command += ["--ckpt_path", "last"]
@@ -119,7 +143,7 @@ def launch(specs: list[str], cpus: list[int], dry_run: bool, tracking_uri: str =
            runs: Path = RUNS) -> list[str]:
     """Start (or resume) the runs in the background; returns one line per run saying what was done.
 
-    specs: ``<task>:<seed>[:<actor>]`` strings.
+    specs: ``<task>:<seed>[:<variant>]`` strings.
     cpus: cores to pin the runs to, one per run in order (empty: not pinned).
     dry_run: only say what would run.
     tracking_uri: MLflow tracking URI of the benchmark's store.
@@ -129,12 +153,12 @@ def launch(specs: list[str], cpus: list[int], dry_run: bool, tracking_uri: str =
         raise ValueError(f"--cpus names {len(cpus)} cores for {len(parsed)} runs; give one per run or none")
     runs.mkdir(parents=True, exist_ok=True)
     lines = []
-    for index, ((task, seed, actor), spec) in enumerate(zip(parsed, specs, strict=True)):
-        if run_name(seed, actor) in reproduce.finished_run_names(TASKS[task].env_id, tracking_uri):
+    for index, ((task, seed, variant), spec) in enumerate(zip(parsed, specs, strict=True)):
+        if run_name(seed, variant) in reproduce.finished_run_names(TASKS[task].env_id, tracking_uri):
             lines.append(f"{spec} FINISHED in {tracking_uri}: skipped")
             continue
-        command = fit_command(task, seed, tracking_uri, runs, actor)
-        log = runs / f"{run_folder(task, seed, actor)}.log"
+        command = fit_command(task, seed, tracking_uri, runs, variant)
+        log = runs / f"{run_folder(task, seed, variant)}.log"
         if dry_run:
             lines.append(" ".join(command))
             continue
@@ -165,20 +189,33 @@ def snapshot(tracking_uri: str, folder: Path) -> str:
     return f"{prefix}{copy}"
 
 
-def seed_curves(env_id: str, tracking_uri: str, group: str = "DIME") -> dict[str, list[list[float]]]:
-    """seed → [[env_step, value], ...] of one actor's runs of one task, straight from MLflow, on the task's
-    published metric (``eval/return_mean``; ``eval/success_rate`` for MyoSuite).
+def variant_runs(env_id: str, tracking_uri: str) -> pd.DataFrame:
+    """The runs of one task named by ``run_name``, with ``variant`` and ``seed`` columns and ``group`` set to the
+    variant's label (``compare`` groups by it); ``compare.CompareError`` when the task has no runs.
 
     env_id: the task's env id (its MLflow experiment).
-    tracking_uri: MLflow tracking URI.
-    group: the actor, as ``compare`` labels it (``DIME`` or ``Gaussian``)."""
+    tracking_uri: MLflow tracking URI."""
     runs = compare.find_runs(env_id, tracking_uri, compare.DEFAULT_GROUP)
-    runs = runs[runs.group == group]
+    parsed = runs["tags.mlflow.runName"].map(parse_run_name)
+    runs = runs[parsed.notna()].copy()
+    runs["variant"], runs["seed"] = parsed[parsed.notna()].str[0], parsed[parsed.notna()].str[1]
+    runs["group"] = runs["variant"].map(lambda variant: VARIANTS[variant].label)
+    return runs
+
+
+def seed_curves(runs: pd.DataFrame, variant: str, tracking_uri: str) -> dict[str, list[list[float]]]:
+    """seed → [[env_step, value], ...] of one variant's runs of one task, straight from MLflow, on the task's
+    published metric (``eval/return_mean``; ``eval/success_rate`` for MyoSuite).
+
+    runs: ``variant_runs`` of the task.
+    variant: a key of ``VARIANTS``.
+    tracking_uri: MLflow tracking URI."""
+    runs = runs[runs.variant == variant]
     if runs.empty:
         return {}
-    histories = compare.metric_histories(runs, reference.published_metric(env_id), tracking_uri)
+    histories = compare.metric_histories(runs, reference.published_metric(runs.task.iloc[0]), tracking_uri)
     curves = {}
-    for run_id, seed in zip(runs.run_id, runs["params.seed_everything"], strict=True):
+    for run_id, seed in zip(runs.run_id, runs.seed, strict=True):
         if run_id in histories:
             curves[str(seed)] = [[int(step), float(value)] for step, value in histories[run_id].items()]
     return dict(sorted(curves.items(), key=lambda item: int(item[0])))
@@ -193,21 +230,21 @@ def _by_step(curves: dict[str, list[list[float]]]) -> dict[int, list[float]]:
 
 
 def task_rows(task: str, curves: dict[str, list[list[float]]], reps: int,
-              gaussian: dict[str, list[list[float]]] | None = None) -> list[dict]:
-    """One row per evaluated env step: the seeds' mean beside the published mean, min–max band and IQM (and the
-    Gaussian actor's mean where it has runs).
+              others: dict[str, dict[str, list[list[float]]]] | None = None) -> list[dict]:
+    """One row per evaluated env step: the seeds' mean beside the published mean, min–max band and IQM (and each
+    other variant's mean where it has runs).
 
     task: a key of ``TASKS``.
-    curves: seed → [[env_step, return], ...] from ``seed_curves``.
+    curves: DIME's seed → [[env_step, return], ...] from ``seed_curves``.
     reps: bootstrap replications of the published IQM's confidence interval.
-    gaussian: the Gaussian actor's ``seed_curves`` (none: no column)."""
+    others: variant key → its ``seed_curves`` (each a column of ``markdown``)."""
     steps, published = reference.reference_seeds(reference.reference_task(TASKS[task].env_id).task)
-    by_step, other = _by_step(curves), _by_step(gaussian or {})
+    by_step = _by_step(curves)
+    other = {variant: _by_step(found) for variant, found in (others or {}).items()}
     rows = []
-    for step in sorted(by_step.keys() | other.keys()):
-        row = {"env_steps": step}
-        if step in other:
-            row.update({"gaussian_seeds": len(other[step]), "gaussian_mean": float(np.mean(other[step]))})
+    for step in sorted(by_step.keys() | {s for values in other.values() for s in values}):
+        row = {"env_steps": step, "variants": {variant: (len(values[step]), float(np.mean(values[step])))
+                                               for variant, values in other.items() if step in values}}
         if step not in by_step:
             rows.append(row)
             continue
@@ -230,19 +267,19 @@ def markdown(task: str, rows: list[dict]) -> str:
     task: a key of ``TASKS``.
     rows: from ``task_rows``."""
     metric = reference.published_metric(TASKS[task].env_id)
-    gaussian = any("gaussian_mean" in row for row in rows)
+    columns = [variant for variant in VARIANTS if any(variant in row["variants"] for row in rows)]
     lines = [f"**{TASKS[task].env_id}** (`{metric}`)", "",
              "| env steps | this: mean over seeds (5 stochastic episodes each) | "
-             + ("Gaussian actor, same machinery | " if gaussian else "")
+             + "".join(f"{VARIANTS[variant].label} | " for variant in columns)
              + "paper mean (10 seeds) | paper min–max | paper IQM [95 % CI] | inside the band |",
-             "|---:|---:|" + ("---:|" if gaussian else "") + "---:|---:|---:|:---:|"]
+             "|---:|---:|" + "---:|" * len(columns) + "---:|---:|---:|:---:|"]
     digits = 2 if metric == reference.SUCCESS_METRIC else 1
     for row in rows:
         ours = (f"| {row['env_steps']:,} | "
                 + (f"{row['return_mean']:.{digits}f} (n={row['seeds']}) |" if "return_mean" in row else "– |"))
-        if gaussian:
-            ours += (f" {row['gaussian_mean']:.{digits}f} (n={row['gaussian_seeds']}) |" if "gaussian_mean" in row
-                     else " – |")
+        for variant in columns:
+            n, mean = row["variants"].get(variant, (0, 0.0))
+            ours += f" {mean:.{digits}f} (n={n}) |" if n else " – |"
         if "paper_mean" not in row:
             lines.append(f"{ours} – | – | – | – |")
             continue
@@ -254,33 +291,37 @@ def markdown(task: str, rows: list[dict]) -> str:
 
 
 def report(tracking_uri: str = TRACKING_URI, results: Path = RESULTS, reps: int = aggregates.DEFAULT_REPS) -> str:
-    """Write the JSON and one figure per task that has runs; returns the markdown tables.
+    """Write the JSONs (``paper_tasks_cpu.json`` for DIME, ``paper_tasks_cpu_<variant>.json`` for each other variant
+    with runs) and one figure per task that has runs; returns the markdown tables.
 
     tracking_uri: MLflow tracking URI of the benchmark's store.
     results: folder of the JSON and PNGs.
     reps: bootstrap replications of the IQM confidence intervals."""
     results.mkdir(parents=True, exist_ok=True)
-    data, gaussian, tables = {}, {}, []
+    data: dict[str, dict] = {variant: {} for variant in VARIANTS}
+    tables = []
     with tempfile.TemporaryDirectory() as folder:
         uri = snapshot(tracking_uri, Path(folder))
         for task, spec in TASKS.items():
             try:
-                data[spec.env_id] = seed_curves(spec.env_id, uri)
+                runs = variant_runs(spec.env_id, uri)
             except compare.CompareError as err:  # this task has no runs (yet)
                 tables.append(f"**{spec.env_id}**: {err}")
                 continue
-            if not data[spec.env_id]:
-                del data[spec.env_id]
+            curves = {variant: found for variant in VARIANTS if (found := seed_curves(runs, variant, uri))}
+            if "diffusion" not in curves:
                 tables.append(f"**{spec.env_id}**: no DIME runs")
                 continue
-            if found := seed_curves(spec.env_id, uri, "Gaussian"):
-                gaussian[spec.env_id] = found
-            compare.compare(spec.env_id, tracking_uri=uri, out=results / f"paper_tasks_cpu_{spec.config}.png",
-                            reference_source="paper", reps=reps)
-            tables.append(markdown(task, task_rows(task, data[spec.env_id], reps, gaussian.get(spec.env_id))))
-    (results / "paper_tasks_cpu.json").write_text(json.dumps(data, indent=1) + "\n")
-    if gaussian:
-        (results / "paper_tasks_cpu_gaussian.json").write_text(json.dumps(gaussian, indent=1) + "\n")
+            for variant, found in curves.items():
+                data[variant][spec.env_id] = found
+            compare.compare_runs(runs, spec.env_id, tracking_uri=uri, reference_source="paper", reps=reps,
+                                 out=results / f"paper_tasks_cpu_{spec.config}.png")
+            others = {variant: found for variant, found in curves.items() if variant != "diffusion"}
+            tables.append(markdown(task, task_rows(task, curves["diffusion"], reps, others)))
+    for variant, found in data.items():
+        if found or variant == "diffusion":
+            name = "paper_tasks_cpu.json" if variant == "diffusion" else f"paper_tasks_cpu_{variant}.json"
+            (results / name).write_text(json.dumps(found, indent=1) + "\n")
     return "\n\n".join(tables)
 
 
@@ -291,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("launch", help="start or resume runs in the background")
-    start.add_argument("runs", nargs="+", help=f"<task>:<seed>[:<actor>], task in {sorted(TASKS)}, "
-                       f"actor in {sorted(ACTORS)} (default diffusion)")
+    start.add_argument("runs", nargs="+", help=f"<task>:<seed>[:<variant>], task in {sorted(TASKS)}, "
+                       f"variant in {sorted(VARIANTS)} (default diffusion)")
     start.add_argument("--cpus", type=int, nargs="*", default=[], help="one core per run to pin it to")
     start.add_argument("--dry-run", action="store_true", help="print the fit commands only")
     show = commands.add_parser("report", help="JSON, figures and the markdown tables")

@@ -338,7 +338,18 @@ def compare(experiment: str, metric: str | None = None, group_by: str = DEFAULT_
     out: PNG path, or None to write nothing.
     reference_source: ``paper`` to add the published curves of the same tasks, or None.
     reps: bootstrap replications of the IQM confidence intervals."""
-    runs = find_runs(experiment, tracking_uri, group_by)
+    return compare_runs(find_runs(experiment, tracking_uri, group_by), experiment, metric, tracking_uri, out,
+                        reference_source, reps)
+
+
+def compare_runs(runs: pd.DataFrame, title: str, metric: str | None = None,
+                 tracking_uri: str = DEFAULT_TRACKING_URI, out: Path | None = None,
+                 reference_source: str | None = None, reps: int = aggregates.DEFAULT_REPS):
+    """``compare`` on runs already found (``find_runs``, possibly filtered or regrouped by the caller).
+
+    runs: from ``find_runs``, with its ``group`` and ``task`` columns.
+    title: the figure's title (``compare`` gives the experiment's name).
+    metric, tracking_uri, out, reference_source, reps: as for ``compare``."""
     matches = reference_matches(runs, reference_source) if reference_source else {}
     metrics = task_metrics(runs, metric)
     published = {task: reference.published_metric(task) for task in matches}
@@ -351,7 +362,7 @@ def compare(experiment: str, metric: str | None = None, group_by: str = DEFAULT_
     curves = group_curves(runs, histories, reps)
     references = reference_curves(curves, matches, reps)
     table = summary_table(runs, histories, metric_label(metrics), curves, references, reps)
-    fig = plot_comparison(curves, references, metrics, experiment, table)
+    fig = plot_comparison(curves, references, metrics, title, table)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=120)

@@ -99,18 +99,18 @@ def test_soak_benchmark_tiny(tmp_path):
     assert result["samples"] and all(s["open_fds"] > 0 and s["rss_mib"] > 0 for s in result["samples"])
 
 
-def _paper_task_runs(uri: str, curves: dict[str, dict[int, list[float]]], actor: str = "diffusion") -> None:
+def _paper_task_runs(uri: str, curves: dict[str, dict[int, list[float]]], variant: str = "diffusion") -> None:
     """Runs named as the benchmark names them: env id → seed → returns at 24k, 48k and 72k env steps."""
     import mlflow
 
-    class_path = {"diffusion": "dime_lightning.actor.DiffusionActor",
-                  "gaussian": "dime_lightning.gaussian.TanhGaussianActor"}[actor]
+    class_path = ("dime_lightning.gaussian.TanhGaussianActor" if variant == "gaussian"
+                  else "dime_lightning.actor.DiffusionActor")
     client = mlflow.MlflowClient(uri)
     for env_id, seeds in curves.items():
         found = client.get_experiment_by_name(env_id)
         experiment_id = found.experiment_id if found else client.create_experiment(env_id)
         for seed, values in seeds.items():
-            run = client.create_run(experiment_id, run_name=load("paper_tasks_cpu").run_name(seed, actor))
+            run = client.create_run(experiment_id, run_name=load("paper_tasks_cpu").run_name(seed, variant))
             for key, value in (("model.actor.class_path", class_path),
                                ("data.env_id", env_id), ("seed_everything", str(seed))):
                 client.log_param(run.info.run_id, key, value)
@@ -140,13 +140,23 @@ def test_paper_tasks_report_sets_each_seed_beside_the_published_band(tmp_path):
     assert [row["in_band"] for row in rows] == [True, True, False]
     assert not (tmp_path / "results" / "paper_tasks_cpu_gaussian.json").exists()
     # a Gaussian-actor run of the same task: its own column and file, the DIME rows unchanged
-    _paper_task_runs(uri, {"dm_control/pendulum-swingup": {0: [0.0, 400.0, 800.0]}}, actor="gaussian")
+    _paper_task_runs(uri, {"dm_control/pendulum-swingup": {0: [0.0, 400.0, 800.0]}}, variant="gaussian")
     tables = bench.report(uri, tmp_path / "results", reps=200)
     assert "| 72,000 | 700.0 (n=1) | 800.0 (n=1) | 815.4 | [718.6, 894.8] |" in tables
     assert "| 48,000 | 200.0 (n=2) | 314.7 |" in tables  # cheetah-run has no Gaussian run: no column
     gaussian = json.loads((tmp_path / "results" / "paper_tasks_cpu_gaussian.json").read_text())
     assert gaussian == {"dm_control/pendulum-swingup": {"0": [[24000, 0.0], [48000, 400.0], [72000, 800.0]]}}
     assert json.loads((tmp_path / "results" / "paper_tasks_cpu.json").read_text()) == data
+    # a DIME variant (the same actor class): told apart by its run name, its own column after the Gaussian one
+    _paper_task_runs(uri, {"dm_control/pendulum-swingup": {0: [10.0, 30.0, 750.0]}}, variant="brn-warmup-100k")
+    tables = bench.report(uri, tmp_path / "results", reps=200)
+    assert "| 72,000 | 700.0 (n=1) | 800.0 (n=1) | 750.0 (n=1) | 815.4 | [718.6, 894.8] |" in tables
+    assert "batch-renorm warm-up 100,000 (the paper's) |" in tables
+    assert json.loads((tmp_path / "results" / "paper_tasks_cpu.json").read_text()) == data
+    variant = json.loads((tmp_path / "results" / "paper_tasks_cpu_brn-warmup-100k.json").read_text())
+    assert variant == {"dm_control/pendulum-swingup": {"0": [[24000, 10.0], [48000, 30.0], [72000, 750.0]]}}
+    assert bench.parse_run_name("cpu-brn-warmup-100k-seed3") == ("brn-warmup-100k", 3)
+    assert bench.parse_run_name("cpu-seed12") == ("diffusion", 12) and bench.parse_run_name("other-seed0") is None
 
 
 def test_paper_tasks_launch_resumes_a_folder_with_checkpoints_and_skips_finished_runs(tmp_path, capsys):
@@ -155,9 +165,12 @@ def test_paper_tasks_launch_resumes_a_folder_with_checkpoints_and_skips_finished
     _paper_task_runs(uri, {"dm_control/cheetah-run": {1: [50.0, 300.0, 500.0]}})  # seed 1 FINISHED
     (runs / "dmc_pendulum_swingup-seed0").mkdir(parents=True)
     (runs / "dmc_pendulum_swingup-seed0" / "step-0000008000.ckpt").write_bytes(b"")  # a checkpoint: resume
-    lines = bench.launch(["cheetah-run:0", "cheetah-run:1", "pendulum-swingup:0", "pendulum-swingup:0:gaussian"],
-                         [], True, uri, runs)
-    fresh, finished, resumed, gaussian = lines
+    lines = bench.launch(["cheetah-run:0", "cheetah-run:1", "pendulum-swingup:0", "pendulum-swingup:0:gaussian",
+                          "pendulum-swingup:0:brn-warmup-100k"], [], True, uri, runs)
+    fresh, finished, resumed, gaussian, warmup = lines
+    assert "--model.critic.init_args.brn_warmup_steps 100000" in warmup  # after the CPU overlay: it wins
+    assert warmup.index("paper_tasks_cpu.yaml") < warmup.index("brn_warmup_steps")
+    assert "--mlflow.run_name cpu-brn-warmup-100k-seed0" in warmup
     assert "conf/gaussian.yaml" in gaussian and "--mlflow.run_name cpu-gaussian-seed0" in gaussian
     assert "dmc_pendulum_swingup-gaussian-seed0" in gaussian and "--ckpt_path" not in gaussian
     assert "--config" in fresh and "dmc_cheetah_run.yaml" in fresh and "--data.total_env_steps 48000" in fresh
