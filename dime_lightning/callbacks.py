@@ -81,6 +81,7 @@ class Evaluation(Callback):
         self._env = None
         self._last_eval_step = 0
         self._video_checked_for: str | None = None
+        self.paused_seconds = 0.0  # wall time training waited for evaluations (TrainingMonitor excludes it)
 
     def check_video(self, env_id: str) -> None:
         """With ``video`` on: fail now (``VideoError``, a ValueError) if ``env_id`` cannot be recorded here."""
@@ -107,9 +108,17 @@ class Evaluation(Callback):
             self._env = None
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False) -> None:
-        self._last_eval_step = steps = pl_module.env_steps
+        self._last_eval_step = pl_module.env_steps
         if trainer.global_rank != 0:
             return
+        started = time.perf_counter()
+        try:
+            self._evaluate(trainer, pl_module, final)
+        finally:
+            self.paused_seconds += time.perf_counter() - started
+
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool) -> None:
+        steps = pl_module.env_steps
         data = trainer.datamodule
         if self._env is None:
             self._env = make_env(data.hparams.env_id, seed=data.hparams.seed + EVAL_SEED_OFFSET, success=True)
@@ -167,23 +176,29 @@ def _publish(trainer: pl.Trainer, recorder: EpisodeRecorder, env_steps: int) -> 
 
 
 class TrainingMonitor(Callback):
-    """Training-episode returns (at the env step each episode ended) and env steps per second.
+    """Training-episode returns (at the env step each episode ended) and env steps per second:
+    ``time/env_steps_per_second`` of training alone (collection and updates; without the time of the callbacks that
+    pause training, which count it in their ``paused_seconds``: evaluation and checkpoints) and
+    ``time/env_steps_per_second_wall`` of the wall clock.
 
     Args:
-        every_env_steps: env steps between two throughput records (``time/env_steps_per_second``), >= 1.
-            Default 1000.
+        every_env_steps: env steps between two throughput records, >= 1. Default 1000.
     """
 
     def __init__(self, every_env_steps: int = 1_000) -> None:
         if every_env_steps < 1:
             raise ValueError(f"monitor.every_env_steps must be >= 1, got {every_env_steps}")
         self.every_env_steps = every_env_steps
-        self._t0 = self._t_last = 0.0
+        self._t0 = self._t_last = self._paused_last = 0.0
         self._steps_last = 0
+
+    @staticmethod
+    def _paused(trainer) -> float:
+        return sum(getattr(callback, "paused_seconds", 0.0) for callback in trainer.callbacks)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._t0 = self._t_last = time.perf_counter()
-        self._steps_last = pl_module.env_steps
+        self._steps_last, self._paused_last = pl_module.env_steps, self._paused(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         data = trainer.datamodule
@@ -193,10 +208,13 @@ class TrainingMonitor(Callback):
         steps = pl_module.env_steps
         if steps - self._steps_last < self.every_env_steps:
             return
-        now = time.perf_counter()
-        _log(trainer, {"time/env_steps_per_second": (steps - self._steps_last) / max(now - self._t_last, 1e-9),
+        now, paused = time.perf_counter(), self._paused(trainer)
+        wall = max(now - self._t_last, 1e-9)
+        training = max(wall - (paused - self._paused_last), 1e-9)
+        _log(trainer, {"time/env_steps_per_second": (steps - self._steps_last) / training,
+                       "time/env_steps_per_second_wall": (steps - self._steps_last) / wall,
                        "time/elapsed_seconds": now - self._t0}, steps)
-        self._t_last, self._steps_last = now, steps
+        self._t_last, self._steps_last, self._paused_last = now, steps, paused
 
 
 class EnvStepProgressBar(TQDMProgressBar):

@@ -109,6 +109,7 @@ class EnvStepCheckpoint(Callback):
         self.log_artifacts = log_artifacts
         self._last_saved = 0
         self.writer_lock: RunLock | None = None
+        self.paused_seconds = 0.0  # wall time training waited for checkpoints (TrainingMonitor excludes it)
 
     def hold_folder(self) -> None:
         """Take the folder's writer lock (``run_lock``) for this process; ``RunLockedError`` if another holds it.
@@ -147,9 +148,8 @@ class EnvStepCheckpoint(Callback):
             return
         final = self.dirpath / "final.ckpt"
         _link_atomically(path, final)
-        if self.log_artifacts and isinstance(trainer.logger, MLFlowLogger):
-            for artifact in (self.dirpath / "last.ckpt", final):
-                trainer.logger.experiment.log_artifact(trainer.logger.run_id, str(artifact), "checkpoints")
+        if self.log_artifacts and isinstance(trainer.logger, MLFlowLogger):  # last.ckpt is the same file: once
+            trainer.logger.experiment.log_artifact(trainer.logger.run_id, str(final), "checkpoints")
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # Saving is collective under DDP: Lightning stops all ranks at the same batch on SIGTERM (rank 0's
@@ -169,6 +169,13 @@ class EnvStepCheckpoint(Callback):
                            "(the last periodic one is kept; SIGTERM stops all ranks together and writes one)")
 
     def save(self, trainer, pl_module) -> Path:
+        started = time.perf_counter()
+        try:
+            return self._save(trainer, pl_module)
+        finally:
+            self.paused_seconds += time.perf_counter() - started
+
+    def _save(self, trainer, pl_module) -> Path:
         check = getattr(pl_module, "check_nonfinite", None)
         if check is not None:  # "whole" mode's deferred check, before anything of this checkpoint is written
             check()
@@ -275,8 +282,8 @@ def resolve_checkpoint(
 
     ``last``: the newest checkpoint folder, ``dirpath`` or else among ``checkpoints/*`` the runs whose stored
     config ``matches`` (so that one seed never resumes another's run). A run id: its local
-    ``checkpoints/<id>/``, else its ``checkpoints/last.ckpt`` artifact (then new checkpoints go to
-    ``checkpoints/<id>``, not to the download location). For ``last`` and a local run folder, ``open_for_resume``
+    ``checkpoints/<id>/``, else its logged checkpoint artifact (then new checkpoints go to ``checkpoints/<id>``,
+    not to the download location). For ``last`` and a local run folder, ``open_for_resume``
     may fall back to an older intact checkpoint of the folder; a file named explicitly is used as it is.
     """
     if ckpt_path == "last":
@@ -308,16 +315,24 @@ def resolve_checkpoint(
             raise CheckpointError(f"--ckpt_path {ckpt_path}: no local {local_dir / 'last.ckpt'}, and the tracking "
                                   f"store {tracking_uri} does not exist (nothing was created)")
         try:
-            import mlflow
-
-            with store_creation_lock(tracking_uri or ""):
-                downloaded = Path(mlflow.artifacts.download_artifacts(
-                    run_id=ckpt_path, artifact_path="checkpoints/last.ckpt", tracking_uri=tracking_uri))
+            downloaded = _download_checkpoint(ckpt_path, tracking_uri)
         except Exception as err:
             raise CheckpointError(f"--ckpt_path {ckpt_path}: no local {local_dir / 'last.ckpt'} and no checkpoint "
                                   f"artifact in MLflow run {ckpt_path} ({type(err).__name__}: {err})") from err
         return ResolvedCheckpoint(downloaded, local_dir)
     raise CheckpointError(f"--ckpt_path {ckpt_path}: not 'last', an existing file, or an MLflow run id")
+
+
+def _download_checkpoint(run_id: str, tracking_uri: str | None) -> Path:
+    """The run's logged checkpoint: ``checkpoints/final.ckpt``, or for runs logged by earlier versions (which also
+    logged the byte-identical ``last.ckpt``) that one."""
+    import mlflow
+
+    with store_creation_lock(tracking_uri or ""):
+        logged = {artifact.path for artifact in mlflow.MlflowClient(tracking_uri).list_artifacts(run_id, "checkpoints")}
+        name = next((name for name in ("checkpoints/final.ckpt", "checkpoints/last.ckpt") if name in logged),
+                    "checkpoints/final.ckpt")
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, tracking_uri=tracking_uri))
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from dime_lightning import aggregates, reference
-from dime_lightning.tracking import DEFAULT_TRACKING_URI
+from dime_lightning.tracking import DEFAULT_TRACKING_URI, actor_label
 
 DEFAULT_GROUP = "params.model.actor.class_path"
 TASK_COLUMN = "params.data.env_id"
@@ -62,15 +62,6 @@ class GroupCurve:
     source: str = ""  # the reference source, for reference curves
 
 
-def short_label(value: str) -> str:
-    """``dime_lightning.gaussian.TanhGaussianActor`` → ``Gaussian``; other values are kept.
-
-    value: a group value, e.g. an actor class path."""
-    names = {"DiffusionActor": "DIME", "TanhGaussianActor": "Gaussian"}
-    tail = str(value).rpartition(".")[2]
-    return names.get(tail, str(value))
-
-
 def find_runs(experiment: str, tracking_uri: str, group_by: str) -> pd.DataFrame:
     """Runs of ``experiment`` (FINISHED, RUNNING, KILLED, FAILED) with ``group`` and ``task`` columns.
 
@@ -91,7 +82,7 @@ def find_runs(experiment: str, tracking_uri: str, group_by: str) -> pd.DataFrame
         keys = sorted(c for c in runs.columns if c.startswith(("params.", "tags.")))
         raise CompareError(f"unknown --group-by {group_by!r}; available: {keys}")
     runs = runs.copy()
-    runs["group"] = runs[group_by].fillna("(unset)").map(short_label)
+    runs["group"] = runs[group_by].fillna("(unset)").map(actor_label)
     tasks = runs[TASK_COLUMN] if TASK_COLUMN in runs.columns else pd.Series(np.nan, index=runs.index)
     runs["task"] = tasks.fillna(experiment)
     return runs

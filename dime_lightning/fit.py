@@ -49,6 +49,7 @@ from dime_lightning.tracking import (
     DIMEMLFlowLogger,
     MLflowRunInfo,
     check_tracking_uri,
+    default_run_name,
     run_in_store,
     validate_tracking_uri,
 )
@@ -79,7 +80,7 @@ class MLflowSettings:
         tracking_uri: MLflow tracking URI (``sqlite:///path.db``, ``http(s)://…``, ``databricks``); null:
             $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
         experiment_name: MLflow experiment; null: the env id.
-        run_name: MLflow run name; null: MLflow picks one.
+        run_name: MLflow run name; null: ``<env id>-<actor>-seed<seed>`` (e.g. ``Pendulum-v1-DIME-seed0``).
         max_pending: MLflow records queued in memory before they spill to a file, >= 1. Default 10000.
         flush_timeout: seconds to wait for the tracking store after training before spilling what is left
             to ``mlflow-pending-*.jsonl``, >= 0. Default 60.
@@ -236,7 +237,7 @@ class DIMECLI(LightningCLI):
                     replay(Path(checkpointer.dirpath))  # what an earlier process could not deliver goes first
             trainer.logger = DIMEMLFlowLogger(
                 experiment_name=settings.experiment_name or data.hparams.env_id,
-                run_name=settings.run_name,
+                run_name=settings.run_name or default_run_name(resolved),
                 tracking_uri=uri,
                 run_id=run_id,
                 spill_dir=lambda: checkpointer.dirpath,

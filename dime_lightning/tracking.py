@@ -96,6 +96,37 @@ def run_in_store(uri: str, run_id: str) -> bool:
     return True
 
 
+ACTOR_LABELS = {"DiffusionActor": "DIME", "TanhGaussianActor": "Gaussian"}
+
+
+def actor_label(value: str) -> str:
+    """``dime_lightning.gaussian.TanhGaussianActor`` (or ``TanhGaussianActor``) → ``Gaussian``; other values as they
+    are (a group value of ``compare``, e.g. a seed).
+
+    value: an actor class path, or any other value."""
+    return ACTOR_LABELS.get(str(value).rpartition(".")[2], str(value))
+
+
+def run_tags(config: dict[str, Any]) -> dict[str, str]:
+    """The tags of a run, from its resolved config: ``dime.task`` (env id), ``dime.actor`` (``DIME``, ``Gaussian``
+    or the class path), ``dime.seed`` and ``dime.compile`` (the update's compile mode). The MLflow UI and
+    ``compare --group-by tags.dime.actor`` group by them.
+
+    config: the resolved fit config (``model``, ``data``, ``seed_everything``)."""
+    model, data = config.get("model") or {}, config.get("data") or {}
+    actor = (model.get("actor") or {}).get("class_path", "") if isinstance(model.get("actor"), dict) else ""
+    return {"dime.task": str(data.get("env_id")), "dime.actor": actor_label(actor),
+            "dime.seed": str(config.get("seed_everything")), "dime.compile": str(model.get("compile_update"))}
+
+
+def default_run_name(config: dict[str, Any]) -> str:
+    """``<env id>-<actor>-seed<seed>``, e.g. ``Pendulum-v1-DIME-seed0``: the run name when none is given.
+
+    config: the resolved fit config."""
+    tags = run_tags(config)
+    return f"{tags['dime.task']}-{tags['dime.actor']}-seed{tags['dime.seed']}"
+
+
 class DIMEMLFlowLogger(MLFlowLogger):
     """``MLFlowLogger`` that continues ``run_id`` when given: the run goes back to RUNNING, and each metric
     drops values at steps it already has, so a resumed run's history stays strictly increasing (the values
@@ -166,7 +197,7 @@ class DIMEMLFlowLogger(MLFlowLogger):
 
 class MLflowRunInfo(Callback):
     """Records the resolved config (flattened as params, and the YAML as ``config.yaml``) and package versions
-    once per run, and the run's status when training ends by an exception."""
+    once per run, the ``run_tags`` at every start, and the run's status when training ends by an exception."""
 
     PACKAGES = ("torch", "torchrl", "tensordict", "lightning", "gymnasium", "mujoco", "mlflow", "dm_control")
 
@@ -182,6 +213,8 @@ class MLflowRunInfo(Callback):
         logger = trainer.logger
         if not isinstance(logger, MLFlowLogger):
             return
+        for key, value in run_tags(self.config).items():  # also on resume: runs of earlier versions get them
+            logger.experiment.set_tag(logger.run_id, key, value)
         if self.resumed:  # params are immutable in MLflow: a resumed run keeps the ones it started with
             logger.experiment.log_text(logger.run_id, self.config_yaml, f"config-resume-{pl_module.env_steps}.yaml")
             return

@@ -67,6 +67,15 @@ def test_pendulum_smoke_fit_through_the_real_cli(tmp_path):
     assert len(runs) == 1 and runs.status[0] == "FINISHED"
     client = mlflow.MlflowClient()
     run_id = runs.run_id[0]
+    run = client.get_run(run_id)  # a default name and tags to tell runs apart by
+    assert run.info.run_name == "Pendulum-v1-DIME-seed0"
+    assert {key: run.data.tags.get(key) for key in ("dime.task", "dime.actor", "dime.seed", "dime.compile")} == {
+        "dime.task": "Pendulum-v1", "dime.actor": "DIME", "dime.seed": "0", "dime.compile": "none"}
+    # 100 -> 200 holds the evaluation and checkpoint at 150: the training rate leaves their time out, the wall rate not
+    rates = {key: {m.step: m.value for m in client.get_metric_history(run_id, f"time/{key}")}
+             for key in ("env_steps_per_second", "env_steps_per_second_wall")}
+    assert sorted(rates["env_steps_per_second"]) == [100, 200, 300]
+    assert rates["env_steps_per_second"][200] > rates["env_steps_per_second_wall"][200]
     eval_steps = [m.step for m in client.get_metric_history(run_id, "eval/return_mean")]
     assert eval_steps == [150, 300]  # x-axis = env steps (eval every 150 in smoke.yaml)
     loss_steps = [m.step for m in client.get_metric_history(run_id, "train/loss_critic")]
@@ -78,7 +87,8 @@ def test_pendulum_smoke_fit_through_the_real_cli(tmp_path):
     assert params["data.env_id"] == "Pendulum-v1" and params["model.utd"] == "2" and "version.torch" in params
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {
         a.path for a in client.list_artifacts(run_id, "checkpoints")}
-    assert {"config.yaml", "checkpoints/final.ckpt", "checkpoints/last.ckpt"} <= artifacts
+    assert {"config.yaml", "checkpoints/final.ckpt"} <= artifacts
+    assert "checkpoints/last.ckpt" not in artifacts  # the same file as final.ckpt: logged once
     # the reference schedule: 2 critic updates per learning env step, an actor update every 3rd
     checkpoint = torch.load(tmp_path / "ckpt" / "final.ckpt", weights_only=False, map_location="cpu")
     assert checkpoint["dime_counters"] == {"env_steps": 300, "critic_updates": 400, "actor_updates": 133,
@@ -148,3 +158,28 @@ def test_dmc_without_dm_control_says_how_to_install(tmp_path, monkeypatch, capsy
         build_cli(["--config", str(CONF / "dmc_dog_run.yaml"), "--config", str(CONF / "smoke.yaml")])
     assert exit_info.value.code not in (0, None)
     assert "pip install 'dime-lightning[dmc]'" in capsys.readouterr().err
+
+
+def test_the_training_rate_leaves_out_the_time_of_evaluations_and_checkpoints(monkeypatch):
+    from types import SimpleNamespace
+
+    from dime_lightning import callbacks
+
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock.now)
+    monitor, evaluation = callbacks.TrainingMonitor(every_env_steps=100), SimpleNamespace(paused_seconds=0.0)
+    logged = []
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics)))
+    trainer = SimpleNamespace(callbacks=[monitor, evaluation], loggers=[logger], callback_metrics={},
+                              datamodule=SimpleNamespace(pop_finished_episodes=list))
+    module = SimpleNamespace(env_steps=0)
+    monitor.on_train_start(trainer, module)
+    for seconds, paused in ((1.0, 0.0), (11.0, 10.0)):  # 100 env steps in 1 s; then again, plus a 10 s evaluation
+        clock.now += seconds
+        evaluation.paused_seconds += paused
+        module.env_steps += 100
+        monitor.on_train_batch_end(trainer, module, None, None, 0)
+    assert [step for step, _ in logged] == [100, 200]
+    assert [m["time/env_steps_per_second"] for _, m in logged] == [100.0, 100.0]  # does not fall at the evaluation
+    assert [round(m["time/env_steps_per_second_wall"], 3) for _, m in logged] == [100.0, 9.091]
+    assert logged[-1][1]["time/elapsed_seconds"] == 12.0
