@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dime_lightning.errors import BadInputError
+
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -35,7 +37,7 @@ def cosine_step_profile(num_steps: int, s: float = 0.008, minimum: float = 0.001
 def inverse_softplus(value: float) -> float:
     """θ such that softplus(θ) = value."""
     if value <= 0:
-        raise ValueError(f"inverse_softplus needs a positive value, got {value}")
+        raise BadInputError(f"inverse_softplus needs a positive value, got {value}")
     return value + math.log(-math.expm1(-value))
 
 
@@ -192,10 +194,10 @@ class DiffusionActor(nn.Module):
         super().__init__()
         for name, value, low in [("obs_dim", obs_dim, 1), ("action_dim", action_dim, 1), ("num_steps", num_steps, 1)]:
             if value < low:
-                raise ValueError(f"DiffusionActor: {name} must be >= {low}, got {value}")
+                raise BadInputError(f"DiffusionActor: {name} must be >= {low}, got {value}")
         for name, value in [("prior_std", prior_std), ("init_dt", init_dt), ("init_friction", init_friction)]:
             if not value > 0:
-                raise ValueError(f"DiffusionActor: {name} must be > 0, got {value}")
+                raise BadInputError(f"DiffusionActor: {name} must be > 0, got {value}")
         self.obs_dim = obs_dim
         self.action_dim = action_dim
         self.num_steps = num_steps

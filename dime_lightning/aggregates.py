@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from dime_lightning.errors import BadInputError
+
 DEFAULT_REPS = 5000
 CONFIDENCE = 0.95
 DMC_MAX_RETURN = 1000.0  # a DMC episode is 1,000 steps with rewards in [0, 1]
@@ -64,7 +66,7 @@ def iqm_ci(scores: np.ndarray, reps: int = DEFAULT_REPS, seed: int = 0) -> Inter
     seed: seed of the bootstrap's random state (the result is deterministic given it)."""
     values = np.asarray(scores, dtype=float).reshape(-1, 1)
     if values.shape[0] == 0:
-        raise ValueError("iqm_ci needs at least one score")
+        raise BadInputError("iqm_ci needs at least one score")
     if values.shape[0] == 1:
         return Interval(float(values[0, 0]), float(values[0, 0]), float(values[0, 0]), 1)
     points, intervals = _estimates({"x": values}, _iqm, reps, seed)
@@ -85,7 +87,7 @@ def iqm_curve(values: np.ndarray, reps: int = DEFAULT_REPS, seed: int = 0) -> tu
     seed: seed of the bootstrap's random state."""
     table = np.asarray(values, dtype=float)
     if table.ndim != 2 or table.shape[1] == 0:
-        raise ValueError(f"iqm_curve needs a (T, runs) array, got shape {table.shape}")
+        raise BadInputError(f"iqm_curve needs a (T, runs) array, got shape {table.shape}")
     point = _iqm_per_point(table.T[:, None, :])
     if table.shape[1] == 1:
         return point, point.copy(), point.copy()
@@ -111,7 +113,7 @@ def aggregate_over_tasks(per_task: dict[str, np.ndarray], reps: int = DEFAULT_RE
 
     arrays = [np.asarray(v, dtype=float).reshape(-1) for v in per_task.values()]
     if not arrays or any(a.size == 0 for a in arrays):
-        raise ValueError("aggregate_over_tasks needs at least one score for every task")
+        raise BadInputError("aggregate_over_tasks needs at least one score for every task")
     runs = sum(a.size for a in arrays)
     if all(a.size == 1 for a in arrays):
         # nothing to resample within a task: the IQM of the single runs, without an interval

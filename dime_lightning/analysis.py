@@ -25,6 +25,7 @@ from torch import nn
 from dime_lightning.actor import DiffusionActor
 from dime_lightning.checkpointing import CheckpointError, read_checkpoint, resolve_checkpoint
 from dime_lightning.envs import make_env
+from dime_lightning.errors import BadInputError
 from dime_lightning.gaussian import TanhGaussianActor
 from dime_lightning.toy_envs import (
     BANDIT_MODES,
@@ -178,7 +179,7 @@ def point_rollouts(actor: nn.Module, env_id: str = "MultiGoalHaarnoja-v0", episo
     register_toy_envs()
     envs = [gymnasium.make(env_id) for _ in range(episodes)]
     if not all(np.allclose(e.action_space.low, -1) and np.allclose(e.action_space.high, 1) for e in envs):
-        raise ValueError(f"point_rollouts: env {env_id!r} needs the action box [-1, 1]², has {envs[0].action_space}")
+        raise BadInputError(f"point_rollouts: env {env_id!r} needs the action box [-1, 1]², has {envs[0].action_space}")
     obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])  # (episodes, 2)
     path, alive = [obs], np.ones(episodes, dtype=bool)
     device = next(actor.parameters()).device

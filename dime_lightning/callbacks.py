@@ -27,6 +27,7 @@ from tensordict.nn import TensorDictModule
 from dime_lightning.checkpointing import EnvStepCheckpoint
 from dime_lightning.data import EVAL_SEED_OFFSET
 from dime_lightning.envs import SUCCESS_KEY, make_env
+from dime_lightning.errors import BadInputError
 from dime_lightning.reference import SUCCESS_METRIC
 from dime_lightning.video import EpisodeRecorder, check_video, records_video, video_name
 
@@ -68,11 +69,12 @@ class Evaluation(Callback):
     def __init__(self, every_env_steps: int = 5_000, episodes: int = 5, max_episode_steps: int = 100_000,
                  video: bool = False, video_every: int = 10) -> None:
         if every_env_steps < 1 or episodes < 1:
-            raise ValueError(f"eval.every_env_steps and eval.episodes must be >= 1, got {every_env_steps}, {episodes}")
+            raise BadInputError(f"eval.every_env_steps and eval.episodes must be >= 1, got {every_env_steps}, "
+                                f"{episodes}")
         if max_episode_steps < 1:
-            raise ValueError(f"eval.max_episode_steps must be >= 1, got {max_episode_steps}")
+            raise BadInputError(f"eval.max_episode_steps must be >= 1, got {max_episode_steps}")
         if video_every < 1:
-            raise ValueError(f"eval.video_every must be >= 1 (evaluations), got {video_every}")
+            raise BadInputError(f"eval.video_every must be >= 1 (evaluations), got {video_every}")
         self.every_env_steps = every_env_steps
         self.episodes = episodes
         self.max_episode_steps = max_episode_steps
@@ -187,7 +189,7 @@ class TrainingMonitor(Callback):
 
     def __init__(self, every_env_steps: int = 1_000) -> None:
         if every_env_steps < 1:
-            raise ValueError(f"monitor.every_env_steps must be >= 1, got {every_env_steps}")
+            raise BadInputError(f"monitor.every_env_steps must be >= 1, got {every_env_steps}")
         self.every_env_steps = every_env_steps
         self._t0 = self._t_last = self._paused_last = 0.0
         self._steps_last = 0

@@ -39,7 +39,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dime_lightning.buffer_dump import verify_dump
-from dime_lightning.errors import DamagedDumpError, DiskSpaceError
+from dime_lightning.errors import BadInputError, CheckpointError, DamagedDumpError, DiskSpaceError, UnsafeCheckpoint
 from dime_lightning.resources import require_free_space
 from dime_lightning.run_lock import RunLock
 from dime_lightning.safe_checkpoint import (
@@ -57,14 +57,6 @@ REQUIRED_KEYS = ("state_dict", "dime_counters", "hyper_parameters")
 
 CHECKPOINT_ALLOWANCE = 256 << 10  # hyperparameters, config, counters and RNG states beside the tensors
 RECORD_ALLOWANCE = 1 << 10  # per tensor in the zip archive: header, name, alignment (measured: ~370 bytes)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be found, read or used with this config."""
-
-
-class UnsafeCheckpoint(CheckpointError):
-    """A checkpoint refused because loading it could run code (never a fallback candidate: it was tampered)."""
 
 
 def _link_atomically(source: Path, target: Path) -> None:
@@ -99,9 +91,9 @@ class EnvStepCheckpoint(Callback):
         log_artifacts: bool = True,
     ) -> None:
         if every_env_steps < 1:
-            raise ValueError(f"checkpoint.every_env_steps must be >= 1, got {every_env_steps}")
+            raise BadInputError(f"checkpoint.every_env_steps must be >= 1, got {every_env_steps}")
         if keep < 1:
-            raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
+            raise BadInputError(f"checkpoint.keep must be >= 1, got {keep}")
         self.every_env_steps = every_env_steps
         self.dirpath = Path(dirpath) if dirpath else None
         self.keep = keep

@@ -30,16 +30,13 @@ import numpy as np
 import pandas as pd
 
 from dime_lightning import aggregates, reference
+from dime_lightning.errors import CompareError
 from dime_lightning.tracking import DEFAULT_TRACKING_URI, actor_label
 
 DEFAULT_GROUP = "params.model.actor.class_path"
 TASK_COLUMN = "params.data.env_id"
 REFERENCE_MARGIN = 24_000  # env steps of the published curve drawn past the last point of the runs
 AGGREGATE = "all DMC tasks (return / 1000)"
-
-
-class CompareError(ValueError):
-    """An unknown experiment, metric, grouping key or reference task; the message lists what exists."""
 
 
 @dataclass

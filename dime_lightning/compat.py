@@ -23,11 +23,9 @@ from collections.abc import Mapping
 from importlib import metadata
 from typing import Any
 
+from dime_lightning.errors import LibraryChangedError
+
 PROGRESS_COUNTERS = ("ready", "started", "processed", "completed")
-
-
-class LibraryChangedError(RuntimeError):
-    """A private part of a library that dime_lightning relies on is gone or has changed."""
 
 
 def _changed(attribute: str, meaning: str, library: str = "lightning") -> LibraryChangedError:

@@ -16,6 +16,7 @@ from torch import nn
 from torchrl.modules import BatchRenorm1d
 
 from dime_lightning.actor import dense
+from dime_lightning.errors import BadInputError
 
 
 class BatchRenorm(BatchRenorm1d):
@@ -45,7 +46,7 @@ class BatchRenorm(BatchRenorm1d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2:
-            raise ValueError(f"{type(self).__name__} expects a 2D (or more) tensor, got {x.dim()}D")
+            raise BadInputError(f"{type(self).__name__} expects a 2D (or more) tensor, got {x.dim()}D")
         view = [1, x.shape[1]] + [1] * (x.dim() - 2)  # (C,) -> broadcastable over (N, C, ...)
         running_std = (self.running_var + self.eps).sqrt()
         if not self.training:
@@ -147,15 +148,15 @@ class DistributionalCritic(nn.Module):
     ) -> None:
         super().__init__()
         if not v_min < v_max:
-            raise ValueError(f"DistributionalCritic: v_min must be < v_max, got v_min={v_min}, v_max={v_max}")
+            raise BadInputError(f"DistributionalCritic: v_min must be < v_max, got v_min={v_min}, v_max={v_max}")
         if num_atoms < 2:
-            raise ValueError(f"DistributionalCritic: num_atoms must be >= 2, got {num_atoms}")
+            raise BadInputError(f"DistributionalCritic: num_atoms must be >= 2, got {num_atoms}")
         if num_critics < 1:
-            raise ValueError(f"DistributionalCritic: num_critics must be >= 1, got {num_critics}")
+            raise BadInputError(f"DistributionalCritic: num_critics must be >= 1, got {num_critics}")
         if not 0.0 < brn_momentum <= 1.0:
-            raise ValueError(f"DistributionalCritic: brn_momentum must be in (0, 1], got {brn_momentum}")
+            raise BadInputError(f"DistributionalCritic: brn_momentum must be in (0, 1], got {brn_momentum}")
         if brn_warmup_steps < 0:
-            raise ValueError(f"DistributionalCritic: brn_warmup_steps must be >= 0, got {brn_warmup_steps}")
+            raise BadInputError(f"DistributionalCritic: brn_warmup_steps must be >= 0, got {brn_warmup_steps}")
         self.v_min, self.v_max, self.num_atoms = float(v_min), float(v_max), num_atoms
         self.register_buffer("support", torch.linspace(v_min, v_max, num_atoms))
         self.critics = nn.ModuleList(

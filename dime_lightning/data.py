@@ -33,7 +33,7 @@ from dime_lightning.buffer_dump import dump_bytes, verify_dump, write_manifest
 from dime_lightning.collection import CollectionPolicy, build_collector
 from dime_lightning.distributed import gather_objects
 from dime_lightning.envs import env_spec
-from dime_lightning.errors import NonFiniteError
+from dime_lightning.errors import BadInputError, NonFiniteError
 from dime_lightning.resources import free_bytes, human_bytes, require_memory
 
 TRANSITION_KEYS = ("observation", "action", ("next", "observation"), ("next", "reward"), ("next", "terminated"))
@@ -103,16 +103,16 @@ class ReplayDataModule(pl.LightningDataModule):
             ("frames_per_batch", frames_per_batch, 1), ("num_workers", num_workers, 1),
         ]:
             if value < low:
-                raise ValueError(f"data.{name} must be >= {low}, got {value}")
+                raise BadInputError(f"data.{name} must be >= {low}, got {value}")
         if total_env_steps < learning_starts:
-            raise ValueError(
+            raise BadInputError(
                 f"data.total_env_steps ({total_env_steps}) must be >= data.learning_starts ({learning_starts})"
             )
         if frames_per_batch % num_workers:
-            raise ValueError(f"data.frames_per_batch ({frames_per_batch}) must be a multiple of data.num_workers "
+            raise BadInputError(f"data.frames_per_batch ({frames_per_batch}) must be a multiple of data.num_workers "
                              f"({num_workers}): each env worker collects frames_per_batch / num_workers per batch")
         if storage not in ("memory", "memmap", "device"):
-            raise ValueError(f"data.storage must be 'memory', 'memmap' or 'device', got {storage!r}")
+            raise BadInputError(f"data.storage must be 'memory', 'memmap' or 'device', got {storage!r}")
         self.save_hyperparameters(logger=False)
         self.spec = env_spec(env_id)  # validates the id and reads the dimensions
         self.obs_dim, self.action_dim = self.spec.obs_dim, self.spec.action_dim
@@ -186,13 +186,13 @@ class ReplayDataModule(pl.LightningDataModule):
         if hp.storage == "memmap":
             folder = Path(hp.scratch_dir) if hp.scratch_dir else Path(tempfile.gettempdir())
             if need > free_bytes(folder):
-                raise ValueError(f"{what} needs about {human_bytes(need)} of disk in {folder}, "
+                raise BadInputError(f"{what} needs about {human_bytes(need)} of disk in {folder}, "
                                  f"{human_bytes(free_bytes(folder))} is free: lower data.buffer_size or set "
                                  "data.scratch_dir to a disk with room")
         elif hp.storage == "device" and device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             if need > free:
-                raise ValueError(f"{what} needs about {human_bytes(need)} on {device}, {human_bytes(free)} is free: "
+                raise BadInputError(f"{what} needs about {human_bytes(need)} on {device}, {human_bytes(free)} is free: "
                                  "lower data.buffer_size or use data.storage memory")
         else:
             require_memory(need, what, "lower data.buffer_size, or use data.storage memmap with a data.scratch_dir "
@@ -321,7 +321,7 @@ class ReplayDataModule(pl.LightningDataModule):
         """Restore counters, this rank's RNG states and its replay buffer (setup('fit') has run)."""
         ranks = state_dict.get("ranks") or [state_dict]  # checkpoints before multi-process training: one rank
         if len(ranks) != self.world_size:
-            raise ValueError(
+            raise BadInputError(
                 f"the checkpoint was written by {len(ranks)} process(es) (trainer.devices × trainer.num_nodes) "
                 f"but this run has {self.world_size}: resume with the same number"
             )

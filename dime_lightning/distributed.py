@@ -24,6 +24,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Stra
 from torch.nn.parallel import DistributedDataParallel
 
 from dime_lightning.compat import add_ddp_kwargs
+from dime_lightning.errors import BadInputError
 
 DDP_NAMES = ("ddp", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false")
 # torch >= 2.13 names the per-forward buffer broadcast `forward_sync_buffers`; older versions `broadcast_buffers`
@@ -42,12 +43,12 @@ def resolve_strategy(strategy: str | Strategy | None) -> str | Strategy | None:
         add_ddp_kwargs(strategy, DDP_KWARGS)  # a configured DDPStrategy keeps its other settings
         return strategy
     if isinstance(strategy, Strategy) and not isinstance(strategy, SingleDeviceStrategy):
-        raise ValueError(f"trainer.strategy {type(strategy).__name__} is not supported: use 'auto' or 'ddp'")
+        raise BadInputError(f"trainer.strategy {type(strategy).__name__} is not supported: use 'auto' or 'ddp'")
     if strategy is None or isinstance(strategy, SingleDeviceStrategy) or strategy in ("auto", "single_device"):
         return strategy
     if strategy in DDP_NAMES:
         return DDPStrategy(**DDP_KWARGS)
-    raise ValueError(
+    raise BadInputError(
         f"trainer.strategy {strategy!r} is not supported: use 'auto' (one process) or 'ddp' (several devices "
         "or nodes; launched by Lightning or by torchrun/SLURM)"
     )

@@ -42,6 +42,7 @@ from torchrl.envs import (
 )
 from torchrl.envs.gym_like import default_info_dict_reader
 
+from dime_lightning.errors import EnvIdError
 from dime_lightning.toy_envs import register_toy_envs
 
 DMC_PREFIX = "dm_control/"
@@ -53,10 +54,6 @@ ACCEPTED_FORMS = (
     "'dm_control/<domain>-<task>' (e.g. 'dm_control/dog-run') or a MyoSuite id (e.g. 'myoHandReachRandom-v0')"
 )
 MYO_HINT = "pip install 'dime-lightning[myo]' (from a checkout: pip install -e '.[dev,dmc,myo]')"
-
-
-class EnvIdError(ValueError):
-    """An env id that cannot be built, with a message saying which forms are accepted."""
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from dime_lightning.errors import (
     EXIT_NO_SPACE,
     EXIT_NONFINITE,
     EXIT_SIGTERM,
+    BadInputError,
     DiskSpaceError,
     NonFiniteError,
 )
@@ -111,7 +112,7 @@ class DIMECLI(LightningCLI):
             try:
                 Path(path).read_bytes().decode("utf-8")
             except UnicodeDecodeError as err:
-                raise ValueError(f"config file {path} is not UTF-8 text (a binary file?): {err}") from None
+                raise BadInputError(f"config file {path} is not UTF-8 text (a binary file?): {err}") from None
             except OSError:
                 pass  # a missing file: jsonargparse's own message names it
         try:
@@ -174,11 +175,11 @@ class DIMECLI(LightningCLI):
         if settings.enabled:
             validate_tracking_uri(uri)
         if settings.max_pending < 1 or settings.flush_timeout < 0:
-            raise ValueError(f"mlflow.max_pending must be >= 1 and mlflow.flush_timeout >= 0, got "
+            raise BadInputError(f"mlflow.max_pending must be >= 1 and mlflow.flush_timeout >= 0, got "
                              f"{settings.max_pending}, {settings.flush_timeout}")
         precision = str(config.get("precision") or "32-true")
         if precision not in SUPPORTED_PRECISION:
-            raise ValueError(f"trainer.precision {precision!r} is not supported: use 32-true or bf16-mixed "
+            raise BadInputError(f"trainer.precision {precision!r} is not supported: use 32-true or bf16-mixed "
                              "(16-mixed's gradient scaler misbehaves with several optimizers stepped by hand; "
                              "the *-true modes would run the diffusion chain and the entropy bound in low precision)")
         run_id, self.resume_path, saved_ranks, source = None, None, 0, None
@@ -198,7 +199,7 @@ class DIMECLI(LightningCLI):
             checkpointer.dirpath = checkpointer.dirpath or found.dirpath  # keep writing beside it
             del checkpoint
         elif checkpointer.dirpath is not None and folder_checkpoints(Path(checkpointer.dirpath)):
-            raise ValueError(f"checkpoint.dirpath {checkpointer.dirpath} already holds the checkpoints of a run: "
+            raise BadInputError(f"checkpoint.dirpath {checkpointer.dirpath} already holds the checkpoints of a run: "
                              "resume it with --ckpt_path last, or give this run an empty folder (runs are never mixed)")
         callbacks.append(ConfigInCheckpoint(resolved))
         run_info = MLflowRunInfo(resolved, yaml.safe_dump(resolved, sort_keys=False), resumed=bool(run_id))
@@ -214,7 +215,7 @@ class DIMECLI(LightningCLI):
         if trainer.world_size > 1:  # e.g. devices: 2 with strategy auto also makes a DDPStrategy: configure it too
             resolve_strategy(trainer.strategy)
         if saved_ranks and saved_ranks != trainer.world_size:  # each rank resumes its own buffer and RNG state
-            raise ValueError(
+            raise BadInputError(
                 f"the checkpoint {self.resume_path} was written by {saved_ranks} process{'es' * (saved_ranks > 1)} "
                 f"(trainer.devices × trainer.num_nodes) but this run has {trainer.world_size}: resume with the same"
             )
@@ -271,7 +272,7 @@ def build_cli(args: list[str] | None = None) -> DIMECLI:
             args=args,
             run=False,
         )
-    except (ValueError, TypeError) as err:  # constructors, env ids, extras, checkpoints, tracking URI
+    except BadInputError as err:  # constructors, env ids, extras, checkpoints, tracking URI (never a bug's error)
         sys.stderr.write(f"dime_lightning.fit: error: {err}\n")
         raise SystemExit(EXIT_BAD_INPUT) from err
 

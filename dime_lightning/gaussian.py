@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dime_lightning.actor import LOG_2PI, ActorOutput, DiffusionActor, tanh_log_det_jacobian
+from dime_lightning.errors import BadInputError
 
 
 class TanhGaussianActor(nn.Module):
@@ -40,9 +41,10 @@ class TanhGaussianActor(nn.Module):
         for name, value in [("obs_dim", obs_dim), ("action_dim", action_dim), ("hidden_dim", hidden_dim),
                             ("num_layers", num_layers)]:
             if value < 1:
-                raise ValueError(f"TanhGaussianActor: {name} must be >= 1, got {value}")
+                raise BadInputError(f"TanhGaussianActor: {name} must be >= 1, got {value}")
         if not log_std_min < log_std_max:
-            raise ValueError(f"TanhGaussianActor: log_std_min must be < log_std_max, got {log_std_min}, {log_std_max}")
+            raise BadInputError(f"TanhGaussianActor: log_std_min must be < log_std_max, got {log_std_min}, "
+                                f"{log_std_max}")
         self.obs_dim = obs_dim
         self.action_dim = action_dim
         self.log_std_min, self.log_std_max = log_std_min, log_std_max

@@ -24,7 +24,7 @@ from dime_lightning.compat import lightning_logs_this_step, reopen_finished_fit
 from dime_lightning.critic import DistributionalCritic
 from dime_lightning.data import StepBatch
 from dime_lightning.distributed import all_ranks_true, average_running_statistics_, is_distributed, max_over_ranks
-from dime_lightning.errors import NonFiniteError
+from dime_lightning.errors import BadInputError, NonFiniteError
 from dime_lightning.optim import ACTOR_CRITIC_BETAS
 from dime_lightning.temperature import Temperature
 from dime_lightning.update import COMPILE_MODES, CompileMode, DIMEUpdate, make_target_actor, maybe_compile
@@ -89,27 +89,28 @@ class DIMEModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         if obs_dim < 1 or action_dim < 1:
-            raise ValueError(
+            raise BadInputError(
                 f"model.obs_dim and model.action_dim come from the env and must be >= 1, got {obs_dim}, {action_dim}"
             )
         if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"model.gamma must be in [0, 1], got {gamma}")
+            raise BadInputError(f"model.gamma must be in [0, 1], got {gamma}")
         if nonfinite not in ("stop", "skip"):
-            raise ValueError(f"model.nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+            raise BadInputError(f"model.nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         if compile_update not in COMPILE_MODES:
-            raise ValueError(f"model.compile_update must be one of {', '.join(map(repr, COMPILE_MODES))}, "
+            raise BadInputError(f"model.compile_update must be one of {', '.join(map(repr, COMPILE_MODES))}, "
                              f"got {compile_update!r}")
         if compile_act not in ("none", "default", "reduce-overhead"):
-            raise ValueError(f"model.compile_act must be 'none', 'default' or 'reduce-overhead', got {compile_act!r}")
+            raise BadInputError(f"model.compile_act must be 'none', 'default' or 'reduce-overhead', "
+                                f"got {compile_act!r}")
         if not 0.0 < policy_tau <= 1.0:
-            raise ValueError(f"model.policy_tau must be in (0, 1], got {policy_tau}")
+            raise BadInputError(f"model.policy_tau must be in (0, 1], got {policy_tau}")
         for name, value in [("actor_lr", actor_lr), ("critic_lr", critic_lr), ("actor_grad_clip", actor_grad_clip)]:
             if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"model.{name} must be a finite float > 0, got {value}")
+                raise BadInputError(f"model.{name} must be a finite float > 0, got {value}")
         if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):  # Adam's own check, at start-up
-            raise ValueError(f"model.betas must be two floats in [0, 1) (Adam's β1, β2), got {list(betas)}")
+            raise BadInputError(f"model.betas must be two floats in [0, 1) (Adam's β1, β2), got {list(betas)}")
         if not (math.isfinite(critic_entropy_coef) and critic_entropy_coef >= 0):
-            raise ValueError(f"model.critic_entropy_coef must be a finite float >= 0, got {critic_entropy_coef}")
+            raise BadInputError(f"model.critic_entropy_coef must be a finite float >= 0, got {critic_entropy_coef}")
         self.save_hyperparameters(ignore=["actor", "critic", "temperature"], logger=False)
         self.automatic_optimization = False
         self.actor = actor(obs_dim, action_dim)
@@ -143,7 +144,7 @@ class DIMEModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.hparams.compile_update == "whole" and self.trainer is not None and self.trainer.world_size > 1:
-            raise ValueError("model.compile_update 'whole' runs in one process (its backward passes bypass DDP's "
+            raise BadInputError("model.compile_update 'whole' runs in one process (its backward passes bypass DDP's "
                              "gradient averaging): use 'none', 'default' or 'reduce-overhead' with several processes")
 
     # ---- the update: one env step (update.py holds the schedule, the losses and the optimizer steps) ------

@@ -10,6 +10,8 @@ from collections.abc import Iterable
 
 import torch
 
+from dime_lightning.errors import BadInputError
+
 ACTOR_CRITIC_BETAS = (0.5, 0.999)
 
 
@@ -20,7 +22,7 @@ def adam(
     """Adam over the trainable ``params``; ``fused`` updates all of them in one kernel; ``capturable`` (CUDA)
     keeps the step counts on the device, so that a step can be captured in a CUDA graph."""
     if not lr > 0:
-        raise ValueError(f"learning rate must be > 0, got {lr}")
+        raise BadInputError(f"learning rate must be > 0, got {lr}")
     return torch.optim.Adam([p for p in params if p.requires_grad], lr=lr, betas=betas, fused=fused or None,
                             capturable=capturable)
 

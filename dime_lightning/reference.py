@@ -26,6 +26,8 @@ from importlib import resources
 import numpy as np
 import pandas as pd
 
+from dime_lightning.errors import ReferenceDataError
+
 SOURCES = {"paper": "dime_paper_curves.csv"}
 SOURCE_LABELS = {"paper": "DIME paper (Celik et al. 2025)"}
 DMC_PREFIX = "dm_control/"
@@ -36,10 +38,6 @@ MYO_TASKS = {"myoHandKeyTurnRandom-v0": "myo_hand_key_turn_rndm", "myoHandObjHol
              "myoHandPenTwirlRandom-v0": "myo_hand_pen_twirl_rndm", "myoHandReachRandom-v0": "myo_hand_reach_rndm"}
 RETURN_METRIC = "eval/return_mean"
 SUCCESS_METRIC = "eval/success_rate"  # the share of evaluation episodes that reached the task's success signal
-
-
-class ReferenceDataError(ValueError):
-    """An unknown reference source, or an env id without a published reference; the message lists what exists."""
 
 
 @dataclass(frozen=True)

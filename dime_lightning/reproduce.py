@@ -48,14 +48,11 @@ from dime_lightning import compare, reference, slurm
 from dime_lightning.checkpointing import folder_checkpoints
 from dime_lightning.configs import CONF_DIR, resolve_config_path
 from dime_lightning.envs import EnvIdError, check_env_id
+from dime_lightning.errors import ReproduceError
 
 ALL_DMC = "all-dmc"
 GROUPS = {"all": ("",), ALL_DMC: ("dmc_",), "all-gym": ("ant", "humanoid"), "all-myo": ("myo_",)}  # stem prefixes
 DEFAULT_EXPERIMENT = "dime-reproduce"
-
-
-class ReproduceError(ValueError):
-    """A task, seed count or reference that cannot be run; the message names it and lists what exists."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from dime_lightning.errors import DiskSpaceError
+from dime_lightning.errors import BadInputError, DiskSpaceError
 
 SPACE_MARGIN = 1.05  # estimates are of payload bytes; file-system blocks and metadata add a few percent
 
@@ -60,5 +60,5 @@ def require_memory(need: int, what: str, remedy: str) -> None:
     """Raise ``ValueError`` (bad input: exit 2) when ``need`` bytes exceed the memory available now."""
     available = available_memory()
     if need > available:
-        raise ValueError(f"{what} needs about {human_bytes(need)} of memory, {human_bytes(available)} is available "
+        raise BadInputError(f"{what} needs about {human_bytes(need)} of memory, {human_bytes(available)} is available "
                          f"on this machine: {remedy}")

@@ -22,13 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint or buffer dump whose loading would need types outside the allowlist (could run code)."""
-
-
-class UnreadableCheckpointError(ValueError):
-    """A file that is not a readable ``torch.save`` archive (corrupt, truncated, another format)."""
+from dime_lightning.errors import BadInputError, UnreadableCheckpointError, UnsafeCheckpointError
 
 
 def _allowed_globals() -> list[Any]:
@@ -96,7 +90,7 @@ def check_plain_pickle(path: Path) -> None:
         with open(path, "rb") as file:
             names = {op.name for op, _, _ in pickletools.genops(file)}
     except Exception as err:
-        raise ValueError(f"replay-buffer file {path} cannot be read: {type(err).__name__}: {err}") from err
+        raise BadInputError(f"replay-buffer file {path} cannot be read: {type(err).__name__}: {err}") from err
     bad = sorted(names & _CODE_OPCODES)
     if bad:
         raise UnsafeCheckpointError(
@@ -117,7 +111,7 @@ def check_buffer_dump(directory: Path) -> None:
             try:
                 extra = unsafe_globals(path)
             except Exception as err:
-                raise ValueError(f"replay-buffer file {path} cannot be read: {type(err).__name__}: {err}") from err
+                raise BadInputError(f"replay-buffer file {path} cannot be read: {type(err).__name__}: {err}") from err
             if extra:
                 raise UnsafeCheckpointError(
                     f"replay-buffer file {path} is refused: loading it would need the type(s) {', '.join(extra)}")

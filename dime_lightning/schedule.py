@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dime_lightning.errors import BadInputError
+
 
 @dataclass(frozen=True)
 class UpdateSchedule:
@@ -13,9 +15,9 @@ class UpdateSchedule:
 
     def __post_init__(self) -> None:
         if self.utd < 1:
-            raise ValueError(f"UpdateSchedule: utd must be >= 1, got {self.utd}")
+            raise BadInputError(f"UpdateSchedule: utd must be >= 1, got {self.utd}")
         if self.policy_delay < 1:
-            raise ValueError(f"UpdateSchedule: policy_delay must be >= 1, got {self.policy_delay}")
+            raise BadInputError(f"UpdateSchedule: policy_delay must be >= 1, got {self.policy_delay}")
 
     def actor_due(self, critic_updates_done: int) -> bool:
         """Whether an actor update follows the critic update that brings the count to ``critic_updates_done``."""

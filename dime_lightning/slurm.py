@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dime_lightning.checkpointing import folder_checkpoints
-from dime_lightning.errors import EXIT_SIGTERM
+from dime_lightning.errors import EXIT_SIGTERM, FitFailed, SlurmError
 
 REGISTRY = "slurm_jobs.json"
 SBATCH_KEY = re.compile(r"[a-z][a-z0-9-]*")
@@ -39,14 +39,6 @@ PROGRAMS = ("sbatch", "srun", "squeue", "scontrol")
 RESERVED = {"signal": "--slurm-signal-delay (the checkpoint signal is SIGUSR2)", "time": "--slurm-time",
             "job-name": "the run name", "output": "submitit", "error": "submitit", "nodes": "reproduce (1 per job)",
             "ntasks-per-node": "reproduce (1 per job)", "requeue": "reproduce (always on)"}
-
-
-class SlurmError(RuntimeError):
-    """SLURM cannot take the jobs (programs missing, a bad option, a failed submission); the message says which."""
-
-
-class FitFailed(RuntimeError):
-    """The fit in a job exited with an error: the job ends FAILED and is not requeued."""
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from dime_lightning.errors import BadInputError
+
 TemperatureMode = Literal["auto", "fixed"]
 
 
@@ -45,11 +47,11 @@ class Temperature(nn.Module):
     ) -> None:
         super().__init__()
         if not init_alpha > 0:
-            raise ValueError(f"Temperature: init_alpha must be > 0, got {init_alpha}")
+            raise BadInputError(f"Temperature: init_alpha must be > 0, got {init_alpha}")
         if mode not in ("auto", "fixed"):
-            raise ValueError(f"Temperature: mode must be 'auto' or 'fixed', got {mode!r}")
+            raise BadInputError(f"Temperature: mode must be 'auto' or 'fixed', got {mode!r}")
         if not lr > 0:
-            raise ValueError(f"Temperature: lr must be > 0, got {lr}")
+            raise BadInputError(f"Temperature: lr must be > 0, got {lr}")
         self.mode = mode
         self.lr = lr
         self.target = float(target) if target is not None else target_per_dim * action_dim

@@ -22,6 +22,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from dime_lightning.errors import BadInputError
+
 BANDIT_MODES = np.array([[0.5, 0.5], [-0.5, 0.5], [-0.5, -0.5], [0.5, -0.5]], dtype=np.float32)
 BANDIT_WIDTH = 0.15
 GOALS = np.array([[2.0, 0.0], [0.0, 2.0], [-2.0, 0.0], [0.0, -2.0]], dtype=np.float32)
@@ -110,9 +112,9 @@ class MultiGoalHaarnoja(gym.Env):
 
     def __init__(self, reward_scale: float = HAARNOJA_REWARD_SCALE, start_std: float = 0.1) -> None:
         if not reward_scale > 0:
-            raise ValueError(f"MultiGoalHaarnoja: reward_scale must be > 0, got {reward_scale}")
+            raise BadInputError(f"MultiGoalHaarnoja: reward_scale must be > 0, got {reward_scale}")
         if not start_std >= 0:
-            raise ValueError(f"MultiGoalHaarnoja: start_std must be >= 0, got {start_std}")
+            raise BadInputError(f"MultiGoalHaarnoja: start_std must be >= 0, got {start_std}")
         self.reward_scale = reward_scale
         self.start_std = start_std
         self.observation_space = spaces.Box(-HAARNOJA_BOX, HAARNOJA_BOX, shape=(2,), dtype=np.float32)

@@ -24,13 +24,10 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from dime_lightning.errors import TrackingError
 from dime_lightning.tracking_queue import QueuedClient
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-
-
-class TrackingError(ValueError):
-    """The MLflow tracking URI cannot be used."""
 
 
 def validate_tracking_uri(uri: str) -> None:

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dime_lightning.errors import BadInputError
+
 PENDING_GLOB = "mlflow-pending-*.jsonl"  # one file per fit process: mlflow-pending-<start time>-<pid>.jsonl
 REJECTED = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST",
             "RESOURCE_ALREADY_EXISTS", "PERMISSION_DENIED"}
@@ -73,7 +75,7 @@ def deliver(client: Any, record: dict[str, Any], seen: dict[tuple[str, str], int
     elif op == "set_terminated":
         client.set_terminated(run_id, status=record.get("status"), end_time=record.get("end_time"))
     else:
-        raise ValueError(f"unknown tracking record {op!r}")
+        raise BadInputError(f"unknown tracking record {op!r}")
 
 
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch

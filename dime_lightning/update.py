@@ -40,7 +40,7 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
-from dime_lightning.errors import NonFiniteError
+from dime_lightning.errors import BadInputError, NonFiniteError
 from dime_lightning.losses import actor_loss, critic_loss, temperature_loss
 from dime_lightning.optim import ACTOR_CRITIC_BETAS, adam, gradient_norm, zero_nan_and_clip_gradients_
 from dime_lightning.schedule import UpdateSchedule
@@ -107,9 +107,9 @@ class DIMEUpdate:
         after_critic_step: Callable[[], None] | None = None,
     ) -> None:
         if compile not in COMPILE_MODES:
-            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+            raise BadInputError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
         if nonfinite not in ("stop", "skip"):
-            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+            raise BadInputError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         self.actor, self.critic, self.temperature, self.target_actor = actor, critic, temperature, target_actor
         self.schedule = UpdateSchedule(utd, policy_delay)
         self.gamma, self.policy_tau, self.actor_grad_clip = gamma, policy_tau, actor_grad_clip
@@ -185,7 +185,7 @@ class DIMEUpdate:
         if not self.optimizers:
             raise RuntimeError("DIMEUpdate.build_optimizers() must be called before the first update")
         if sample.batch_size[0] != self.schedule.utd:
-            raise ValueError(f"the sample must hold utd = {self.schedule.utd} minibatches, got {sample.batch_size}")
+            raise BadInputError(f"the sample must hold utd = {self.schedule.utd} minibatches, got {sample.batch_size}")
         if self.mode == "whole":
             return self._whole_step(sample)
         metrics = TensorDict()

@@ -28,15 +28,12 @@ from typing import Any
 import numpy as np
 
 from dime_lightning.envs import DMC_PREFIX, make_env
+from dime_lightning.errors import VideoError
 
 GL_BACKENDS = ("egl", "osmesa")
 FRAME_SIZE = 480  # pixels, height and width of every frame
 INSTALL_HINT = "pip install 'dime-lightning[video]' (imageio and imageio-ffmpeg)"
 _GL_PROBE = "import mujoco; c = mujoco.GLContext(16, 16); c.make_current(); c.free()"
-
-
-class VideoError(ValueError):
-    """Evaluation videos cannot be made here (no renderer, no codec, or an env without a MuJoCo scene)."""
 
 
 def video_name(env_steps: int) -> str:

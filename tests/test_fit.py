@@ -13,6 +13,8 @@ import pytest
 import torch
 import yaml
 
+from dime_lightning import fit
+from dime_lightning.errors import EXIT_BAD_INPUT
 from dime_lightning.fit import build_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,9 +129,20 @@ def test_bad_input_fails_fast_with_a_clear_message(case, tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         build_cli([*BASE, *extra])
-    assert exit_info.value.code not in (0, None)
+    assert exit_info.value.code == EXIT_BAD_INPUT
     assert message in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_a_bug_is_not_reported_as_bad_input(tmp_path, monkeypatch, capsys):
+    def broken(strategy):
+        raise TypeError("unsupported operand type(s)")  # as a bug in the package would
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fit, "resolve_strategy", broken)
+    with pytest.raises(TypeError, match="unsupported operand"):  # its traceback, not "error: ..." and exit 2
+        build_cli(BASE)
+    assert "dime_lightning.fit: error" not in capsys.readouterr().err
 
 
 def test_unknown_key_in_a_config_file_names_key_and_file(tmp_path, monkeypatch, capsys):
