@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dime_lightning.errors import BadInputError
-
-LOG_2PI = math.log(2.0 * math.pi)
+from dime_lightning.layers import dense
+from dime_lightning.policy import LOG_2PI, ActorOutput, SamplesFromForward, tanh_log_det_jacobian
 
 
 def cosine_step_profile(num_steps: int, s: float = 0.008, minimum: float = 0.001) -> torch.Tensor:
@@ -39,26 +38,6 @@ def inverse_softplus(value: float) -> float:
     if value <= 0:
         raise BadInputError(f"inverse_softplus needs a positive value, got {value}")
     return value + math.log(-math.expm1(-value))
-
-
-def tanh_log_det_jacobian(pre_tanh: torch.Tensor) -> torch.Tensor:
-    """Σ_d log(1 − tanh²(x_d)) in the stable form 2(log 2 − x − softplus(−2x)); (..., D) -> (...)."""
-    return (2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))).sum(-1)
-
-
-def lecun_normal_(weight: torch.Tensor, fan_in: int | None = None) -> torch.Tensor:
-    """LeCun-normal init (truncated normal with variance 1/fan_in), the Flax Dense default."""
-    fan_in = weight.shape[1] if fan_in is None else fan_in
-    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # correct for truncation at ±2σ
-    return nn.init.trunc_normal_(weight, std=std, a=-2.0 * std, b=2.0 * std)
-
-
-def dense(in_features: int, out_features: int, bias: bool = True, fan_in: int | None = None) -> nn.Linear:
-    layer = nn.Linear(in_features, out_features, bias=bias)
-    lecun_normal_(layer.weight, fan_in)
-    if bias:
-        nn.init.zeros_(layer.bias)
-    return layer
 
 
 class FourierTimeEmbedding(nn.Module):
@@ -130,18 +109,7 @@ class ControlNetwork(nn.Module):
         return self.step(x, self.context(obs, step_index.reshape(1))[0])
 
 
-class ActorOutput(NamedTuple):
-    """One diffusion sample per state. ``log_prob`` = running_cost + terminal_cost (the bound on log π)."""
-
-    action: torch.Tensor  # (B, D) in (−1, 1)
-    log_prob: torch.Tensor  # (B,)
-    running_cost: torch.Tensor  # (B,)
-    terminal_cost: torch.Tensor  # (B,)
-    pre_tanh: torch.Tensor  # (B, D), x_N
-    trajectory: torch.Tensor | None = None  # (N+1, B, D), x_0..x_N when requested
-
-
-class DiffusionActor(nn.Module):
+class DiffusionActor(SamplesFromForward, nn.Module):
     """DIME's diffusion policy: 16 Euler–Maruyama steps from N(0, σ0² I), tanh-squashed.
 
     Learned parameters: the control network, a scalar step parameter θ_dt (softplus(θ_dt) = ``init_dt``)
@@ -293,10 +261,3 @@ class DiffusionActor(nn.Module):
             pre_tanh=x,
             trajectory=torch.stack(chain) if return_trajectory else None,
         )
-
-    @torch.no_grad()
-    def act(self, obs: torch.Tensor) -> torch.Tensor:
-        """No-grad action sample in (−1, 1) for collection; accepts (obs_dim,) or (B, obs_dim)."""
-        if obs.dim() == 1:
-            return self.forward(obs.unsqueeze(0)).action.squeeze(0)
-        return self.forward(obs).action

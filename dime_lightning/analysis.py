@@ -27,6 +27,7 @@ from dime_lightning.checkpointing import CheckpointError, read_checkpoint, resol
 from dime_lightning.envs import make_env
 from dime_lightning.errors import BadInputError
 from dime_lightning.gaussian import TanhGaussianActor
+from dime_lightning.policy import check_actor
 from dime_lightning.toy_envs import (
     BANDIT_MODES,
     GOAL_RADIUS,
@@ -106,7 +107,7 @@ def load_policy(source: str | Path, tracking_uri: str | None = None, device: str
     dims = (hparams.get("obs_dim"), hparams.get("action_dim"))
     if not all(isinstance(d, int) and d >= 1 for d in dims):
         raise CheckpointError(f"checkpoint {path}: observation/action sizes {dims} are not positive integers")
-    actor = cls(*dims, **init_args)
+    actor = check_actor(cls(*dims, **init_args), f"the actor of checkpoint {path}")
     state = {k[len("actor."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("actor.")}
     actor.load_state_dict(state)
     actor.to(device).eval()

@@ -15,8 +15,8 @@ from tensordict import TensorDict
 from torch import nn
 from torchrl.modules import BatchRenorm1d
 
-from dime_lightning.actor import dense
 from dime_lightning.errors import BadInputError
+from dime_lightning.layers import dense
 
 
 class BatchRenorm(BatchRenorm1d):

@@ -1,4 +1,4 @@
-"""``TanhGaussianActor``: the SAC-style Gaussian policy with DIME's actor contract, for A/B comparisons.
+"""``TanhGaussianActor``: the SAC-style Gaussian policy with DIME's actor contract (``policy``), for A/B comparisons.
 
 Swapping ``model.actor`` to this class (``--config conf/gaussian.yaml``) keeps everything else identical:
 the distributional critic, the update schedule and the temperature machinery. Its ``log_prob`` is the exact
@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dime_lightning.actor import LOG_2PI, ActorOutput, DiffusionActor, tanh_log_det_jacobian
 from dime_lightning.errors import BadInputError
+from dime_lightning.policy import LOG_2PI, ActorOutput, SamplesFromForward, tanh_log_det_jacobian
 
 
-class TanhGaussianActor(nn.Module):
+class TanhGaussianActor(SamplesFromForward, nn.Module):
     """a = tanh(μ(s) + σ(s)·ε), ε ~ N(0, I); an MLP with ``num_layers`` ReLU layers outputs μ and log σ.
 
     Args:
@@ -78,8 +78,6 @@ class TanhGaussianActor(nn.Module):
             pre_tanh=x,
             trajectory=torch.stack([mean, x]) if return_trajectory else None,
         )
-
-    act = DiffusionActor.act  # the same no-grad sampling for (obs_dim,) or (B, obs_dim) observations
 
     @torch.no_grad()
     def diagnostics(self) -> dict[str, torch.Tensor]:

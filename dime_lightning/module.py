@@ -26,6 +26,7 @@ from dime_lightning.data import StepBatch
 from dime_lightning.distributed import all_ranks_true, average_running_statistics_, is_distributed, max_over_ranks
 from dime_lightning.errors import BadInputError, NonFiniteError
 from dime_lightning.optim import ACTOR_CRITIC_BETAS
+from dime_lightning.policy import check_actor
 from dime_lightning.temperature import Temperature
 from dime_lightning.update import COMPILE_MODES, CompileMode, DIMEUpdate, make_target_actor, maybe_compile
 
@@ -113,7 +114,7 @@ class DIMEModule(pl.LightningModule):
             raise BadInputError(f"model.critic_entropy_coef must be a finite float >= 0, got {critic_entropy_coef}")
         self.save_hyperparameters(ignore=["actor", "critic", "temperature"], logger=False)
         self.automatic_optimization = False
-        self.actor = actor(obs_dim, action_dim)
+        self.actor = check_actor(actor(obs_dim, action_dim))  # the contract of dime_lightning.policy
         self.critic = critic(obs_dim, action_dim)
         self.temperature = temperature(action_dim)
         # policy_tau = 1 (the reference): the target actor is refreshed to the actor after every actor update,

@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from dime_lightning.actor import ControlNetwork, DiffusionActor, cosine_step_profile, tanh_log_det_jacobian
+from dime_lightning.actor import ControlNetwork, DiffusionActor, cosine_step_profile
 from dime_lightning.critic import DistributionalCritic
 from dime_lightning.losses import actor_loss
+from dime_lightning.policy import tanh_log_det_jacobian
 from dime_lightning.update import maybe_compile
 
 REFERENCE_PROFILE = [0.9998, 0.988, 0.9577, 0.9101, 0.847, 0.7708, 0.6844, 0.5911, 0.4943, 0.3977,

@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from dime_lightning.actor import DiffusionActor, tanh_log_det_jacobian
+from dime_lightning.actor import DiffusionActor
 from dime_lightning.envs import make_env
+from dime_lightning.errors import BadInputError
 from dime_lightning.gaussian import TanhGaussianActor
+from dime_lightning.module import DIMEModule
+from dime_lightning.policy import Actor, SamplesFromForward, check_actor, tanh_log_det_jacobian
 from dime_lightning.toy_envs import BANDIT_MODES, GOALS, bandit_reward, mode_coverage
 
 
@@ -105,3 +108,31 @@ def test_multigoal_haarnoja_config_builds_through_the_cli(gaussian, tmp_path, mo
     assert (model.critic.v_min, model.critic.v_max) == (-100.0, 10.0)
     assert cli.datamodule.spec.env_id == "MultiGoalHaarnoja-v0"
     assert (cli.datamodule.spec.obs_dim, cli.datamodule.spec.action_dim) == (2, 2)
+
+
+class _NoDiagnostics(SamplesFromForward, torch.nn.Module):  # forward and act, but no diagnostics
+    def __init__(self, obs_dim: int, action_dim: int) -> None:
+        super().__init__()
+        self.inner = TanhGaussianActor(obs_dim, action_dim, hidden_dim=8)
+
+    def forward(self, obs, return_trajectory=False, noise=None):
+        return self.inner(obs, return_trajectory, noise)
+
+
+class _NoForward(torch.nn.Module):  # nn.Module's forward is not one
+    def __init__(self, obs_dim: int, action_dim: int) -> None:
+        super().__init__()
+
+    def act(self, obs):
+        return obs
+
+    def diagnostics(self):
+        return {}
+
+
+@pytest.mark.parametrize(("actor", "missing"), [(_NoDiagnostics, "lacks diagnostics"), (_NoForward, "lacks forward")])
+def test_an_actor_without_the_contract_is_refused_naming_what_is_missing(actor, missing):
+    with pytest.raises(BadInputError, match=f"model.actor: {actor.__name__} {missing} of the actor contract"):
+        DIMEModule(obs_dim=3, action_dim=1, actor=actor)
+    for built in (DiffusionActor(3, 1, num_steps=2, hidden_dim=8), TanhGaussianActor(3, 1, hidden_dim=8)):
+        assert isinstance(check_actor(built), Actor)  # the project's actors keep it

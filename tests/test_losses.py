@@ -11,7 +11,7 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
-from dime_lightning.actor import ActorOutput, DiffusionActor
+from dime_lightning.actor import DiffusionActor
 from dime_lightning.critic import DistributionalCritic, project_distribution
 from dime_lightning.losses import (
     actor_loss,
@@ -21,6 +21,7 @@ from dime_lightning.losses import (
     temperature_loss,
 )
 from dime_lightning.optim import ACTOR_CRITIC_BETAS, adam, gradient_norm, zero_nan_and_clip_gradients_
+from dime_lightning.policy import ActorOutput
 from dime_lightning.temperature import Temperature
 
 OBS_DIM, ACTION_DIM, B = 3, 2, 8
