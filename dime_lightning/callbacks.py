@@ -29,6 +29,7 @@ from dime_lightning.data import EVAL_SEED_OFFSET
 from dime_lightning.envs import SUCCESS_KEY, make_env
 from dime_lightning.errors import BadInputError
 from dime_lightning.reference import SUCCESS_METRIC
+from dime_lightning.schedule import due
 from dime_lightning.video import EpisodeRecorder, check_video, records_video, video_name
 
 
@@ -99,7 +100,7 @@ class Evaluation(Callback):
         self._last_eval_step = pl_module.env_steps  # a resumed run does not re-evaluate at once
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if pl_module.env_steps // self.every_env_steps > self._last_eval_step // self.every_env_steps:
+        if due(self._last_eval_step, pl_module.env_steps, self.every_env_steps):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -208,7 +209,7 @@ class TrainingMonitor(Callback):
             _log(trainer, {"train/episode_return": episode.episode_return,
                            "train/episode_length": float(episode.length)}, episode.env_steps)
         steps = pl_module.env_steps
-        if steps - self._steps_last < self.every_env_steps:
+        if not due(self._steps_last, steps, self.every_env_steps):
             return
         now, paused = time.perf_counter(), self._paused(trainer)
         wall = max(now - self._t_last, 1e-9)

@@ -48,6 +48,7 @@ from dime_lightning.safe_checkpoint import (
     check_buffer_dump,
     safe_load,
 )
+from dime_lightning.schedule import due
 from dime_lightning.tracking import store_creation_lock
 
 STEP_PATTERN = re.compile(r"step-(\d+)\.ckpt")
@@ -128,7 +129,7 @@ class EnvStepCheckpoint(Callback):
         self._last_saved = pl_module.env_steps  # a resumed run does not re-save at once
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if pl_module.env_steps // self.every_env_steps > self._last_saved // self.every_env_steps:
+        if due(self._last_saved, pl_module.env_steps, self.every_env_steps):
             self.save(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -21,7 +21,6 @@ evaluation return everywhere else.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,7 +30,7 @@ import pandas as pd
 
 from dime_lightning import aggregates, reference
 from dime_lightning.errors import CompareError
-from dime_lightning.tracking import DEFAULT_TRACKING_URI, actor_label
+from dime_lightning.runs import DEFAULT_TRACKING_URI, actor_label, resolve_tracking_uri
 
 DEFAULT_GROUP = "params.model.actor.class_path"
 TASK_COLUMN = "params.data.env_id"
@@ -376,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.reps < 1:
         parser.error(f"--reps must be >= 1, got {args.reps}")
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    uri = resolve_tracking_uri(args.tracking_uri)
     try:
         _, table, _ = compare(args.experiment, args.metric, args.group_by, uri, args.out, args.reference, args.reps)
     except CompareError as err:

@@ -9,7 +9,6 @@ and ``seed_everything``. Env dimensions are linked from the data module into the
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,13 +43,12 @@ from dime_lightning.errors import (
     NonFiniteError,
 )
 from dime_lightning.module import DIMEModule
+from dime_lightning.runs import default_run_name, resolve_tracking_uri
 from dime_lightning.safe_checkpoint import checkpoint_globals
 from dime_lightning.tracking import (
-    DEFAULT_TRACKING_URI,
     DIMEMLFlowLogger,
     MLflowRunInfo,
     check_tracking_uri,
-    default_run_name,
     run_in_store,
     validate_tracking_uri,
 )
@@ -95,7 +93,7 @@ class MLflowSettings:
     flush_timeout: float = 60.0
 
     def resolved_uri(self) -> str:
-        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+        return resolve_tracking_uri(self.tracking_uri)
 
 
 def _config_files(argv: list[str]) -> list[str]:
@@ -156,21 +154,17 @@ class DIMECLI(LightningCLI):
             help="resume: 'last' (newest last.ckpt), a checkpoint file, or an MLflow run id",
         )
 
-    def _section(self, config: Any, key: str, default: Any = None) -> Any:
-        """``config[key]``, inside the subcommand's part of the config when the CLI runs one."""
-        return config.get(str(self.subcommand), config).get(key, default)
-
     def before_instantiate_classes(self) -> None:
-        if self._section(self.config, "eval").video:  # MUJOCO_GL before an env's build imports dm_control
+        if self.config.get("eval").video:  # MUJOCO_GL before an env's build imports dm_control
             choose_gl_backend()
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        settings: MLflowSettings = self._section(self.config_init, "mlflow")
+        settings: MLflowSettings = self.config_init.get("mlflow")
         data: ReplayDataModule = self.datamodule
-        self._section(self.config_init, "eval").check_video(data.hparams.env_id)  # renderer and codec, or exit 2
-        checkpointer: EnvStepCheckpoint = self._section(self.config_init, "checkpoint")
+        self.config_init.get("eval").check_video(data.hparams.env_id)  # renderer and codec, or exit 2
+        checkpointer: EnvStepCheckpoint = self.config_init.get("checkpoint")
         callbacks = []  # DIME's own; Lightning adds trainer.callbacks and the eval, monitor and checkpoint groups
-        config = {**self._section(self.config_init, "trainer", default={}), **kwargs}
+        config = {**self.config_init.get("trainer", {}), **kwargs}
         uri = settings.resolved_uri()
         if settings.enabled:
             validate_tracking_uri(uri)
@@ -183,7 +177,7 @@ class DIMECLI(LightningCLI):
                              "(16-mixed's gradient scaler misbehaves with several optimizers stepped by hand; "
                              "the *-true modes would run the diffusion chain and the entropy bound in low precision)")
         run_id, self.resume_path, saved_ranks, source = None, None, 0, None
-        ckpt_path = self._section(self.config, "ckpt_path")
+        ckpt_path = self.config.get("ckpt_path")
         resolved = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))
         resolved["mlflow"]["tracking_uri"] = uri
         if ckpt_path:
@@ -208,7 +202,7 @@ class DIMECLI(LightningCLI):
         config["strategy"] = resolve_strategy(config.get("strategy"))
         config["logger"] = False  # attached after the checks below: the Trainer must not open the store before
         if config.get("enable_progress_bar", True) is not False:
-            callbacks.append(EnvStepProgressBar(refresh_rate=config.pop("progress_refresh_rate", 10)))
+            callbacks.append(EnvStepProgressBar(refresh_rate=10))
         user_callbacks = config.get("callbacks") or []
         config["callbacks"] = [*(user_callbacks if isinstance(user_callbacks, list) else [user_callbacks]), *callbacks]
         trainer = super().instantiate_trainer(**config)

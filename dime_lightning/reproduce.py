@@ -49,6 +49,7 @@ from dime_lightning.checkpointing import folder_checkpoints
 from dime_lightning.configs import CONF_DIR, resolve_config_path
 from dime_lightning.envs import EnvIdError, check_env_id
 from dime_lightning.errors import ReproduceError
+from dime_lightning.runs import resolve_tracking_uri
 
 ALL_DMC = "all-dmc"
 GROUPS = {"all": ("",), ALL_DMC: ("dmc_",), "all-gym": ("ant", "humanoid"), "all-myo": ("myo_",)}  # stem prefixes
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     args = _parser().parse_args(argv)
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or compare.DEFAULT_TRACKING_URI
+    uri = resolve_tracking_uri(args.tracking_uri)
     source = None if args.reference == "none" else args.reference
     try:
         if args.seeds < 1 or args.parallel < 1 or args.reps < 1 or args.poll <= 0:

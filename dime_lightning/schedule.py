@@ -1,5 +1,6 @@
-"""The reference update schedule (docs/algorithm.md §4): ``utd`` critic updates per env step and one actor +
-temperature update (with target-actor refresh) every ``policy_delay`` critic updates, counted globally."""
+"""Schedules. The reference update schedule (docs/algorithm.md §4): ``utd`` critic updates per env step and one
+actor + temperature update (with target-actor refresh) every ``policy_delay`` critic updates, counted globally.
+And the one env-step cadence of evaluations, checkpoints and throughput records: ``due``."""
 
 from __future__ import annotations
 
@@ -23,7 +24,13 @@ class UpdateSchedule:
         """Whether an actor update follows the critic update that brings the count to ``critic_updates_done``."""
         return critic_updates_done % self.policy_delay == 0
 
-    def counts_after(self, env_steps: int) -> tuple[int, int]:
-        """(critic updates, actor updates) after ``env_steps`` learning env steps."""
-        critic = env_steps * self.utd
-        return critic, critic // self.policy_delay
+
+def due(last: int, now: int, every: int) -> bool:
+    """Whether an every-``every``-env-steps event is due at env step ``now``, its last one having been at ``last``:
+    a multiple of ``every`` lies in (last, now]. Events fall on multiples of ``every`` whatever the step a run
+    (re)started at, and at most one is due however many env steps a batch adds.
+
+    last: env step of the last event (or of the start).
+    now: the current env step.
+    every: the cadence in env steps, >= 1."""
+    return now // every > last // every

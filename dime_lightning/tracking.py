@@ -25,9 +25,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dime_lightning.errors import TrackingError
+from dime_lightning.runs import run_tags
 from dime_lightning.tracking_queue import QueuedClient
-
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 def validate_tracking_uri(uri: str) -> None:
@@ -91,37 +90,6 @@ def run_in_store(uri: str, run_id: str) -> bool:
             return False
         raise TrackingError(f"MLflow tracking URI {uri!r}: cannot look up run {run_id}: {err}") from err
     return True
-
-
-ACTOR_LABELS = {"DiffusionActor": "DIME", "TanhGaussianActor": "Gaussian"}
-
-
-def actor_label(value: str) -> str:
-    """``dime_lightning.gaussian.TanhGaussianActor`` (or ``TanhGaussianActor``) → ``Gaussian``; other values as they
-    are (a group value of ``compare``, e.g. a seed).
-
-    value: an actor class path, or any other value."""
-    return ACTOR_LABELS.get(str(value).rpartition(".")[2], str(value))
-
-
-def run_tags(config: dict[str, Any]) -> dict[str, str]:
-    """The tags of a run, from its resolved config: ``dime.task`` (env id), ``dime.actor`` (``DIME``, ``Gaussian``
-    or the class path), ``dime.seed`` and ``dime.compile`` (the update's compile mode). The MLflow UI and
-    ``compare --group-by tags.dime.actor`` group by them.
-
-    config: the resolved fit config (``model``, ``data``, ``seed_everything``)."""
-    model, data = config.get("model") or {}, config.get("data") or {}
-    actor = (model.get("actor") or {}).get("class_path", "") if isinstance(model.get("actor"), dict) else ""
-    return {"dime.task": str(data.get("env_id")), "dime.actor": actor_label(actor),
-            "dime.seed": str(config.get("seed_everything")), "dime.compile": str(model.get("compile_update"))}
-
-
-def default_run_name(config: dict[str, Any]) -> str:
-    """``<env id>-<actor>-seed<seed>``, e.g. ``Pendulum-v1-DIME-seed0``: the run name when none is given.
-
-    config: the resolved fit config."""
-    tags = run_tags(config)
-    return f"{tags['dime.task']}-{tags['dime.actor']}-seed{tags['dime.seed']}"
 
 
 class DIMEMLFlowLogger(MLFlowLogger):
@@ -248,6 +216,5 @@ def _flatten(tree: Any, prefix: str = ""):
     if isinstance(tree, dict):
         for key, value in tree.items():
             yield from _flatten(value, f"{prefix}.{key}" if prefix else str(key))
-    else:
-        text = str(tree)
-        yield prefix, text if len(text) <= 6000 else text[:5997] + "..."
+    else:  # Lightning's log_hyperparams cuts a value at 250 characters; config.yaml keeps it whole
+        yield prefix, str(tree)

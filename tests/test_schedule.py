@@ -2,7 +2,7 @@
 
 import pytest
 
-from dime_lightning.schedule import UpdateSchedule
+from dime_lightning.schedule import UpdateSchedule, due
 
 
 def simulate(schedule: UpdateSchedule, env_steps: int) -> tuple[int, int, list[int]]:
@@ -20,8 +20,19 @@ def test_reference_schedule_counts():
     critic, actor, actor_at = simulate(schedule, 3)
     assert (critic, actor) == (6, 2)
     assert actor_at == [3, 6]  # the counter is global over critic updates, not per env step
-    assert schedule.counts_after(3) == (6, 2)
-    assert schedule.counts_after(1000) == simulate(schedule, 1000)[:2]
+    assert simulate(schedule, 1000)[:2] == (2000, 666)
+
+
+def test_an_env_step_event_falls_on_the_multiples_whatever_the_start():
+    # a resumed run at 90,548 evaluating every 4,000: next at 92,000, then 96,000, once each
+    steps = range(90_549, 96_001)
+    last, events = 90_548, []
+    for now in steps:
+        if due(last, now, 4_000):
+            events.append(now)
+            last = now
+    assert events == [92_000, 96_000]
+    assert due(0, 250, 100) and not due(150, 199, 100)  # a batch of many steps: due once; within a period: not
 
 
 @pytest.mark.parametrize(("utd", "delay"), [(0, 3), (2, 0)])
