@@ -8,6 +8,7 @@ release it at once (``scontrol update StartTime=now``) to keep the suite short. 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -103,15 +104,20 @@ def newest_step(folder: Path) -> int:
     return max((int(p.stem.split("-")[1]) for p in folder.glob("step-*.ckpt")), default=0)
 
 
-def test_requeue_and_time_limit_resume_into_the_same_run(tmp_path, cluster, server, capsys):
+def test_requeue_and_time_limit_resume_into_the_same_run(tmp_path, cluster, server, capsys, monkeypatch):
     # seed 0: requeued by hand (as a preemption would) once it has a checkpoint; seed 1: a 3-minute limit,
     # shorter than its run (the checkpoint signal comes 30 s before it, up to 60 s earlier: an attempt trains
-    # for at least 90 s less the fit's start, which takes tens of seconds on a loaded machine)
+    # for at most 150 s). Each env step also sleeps (tests/slow_steps.py): seed 1's 1,100 learning steps last
+    # over 165 s however fast the machine, so it needs a second attempt; seed 0 lasts long enough to be requeued.
     totals = {"pendulum-seed0": 900, "pendulum-seed1": 1200}
+    pause = {"pendulum-seed0": 0.05, "pendulum-seed1": 0.15}
     workdir = tmp_path / "runs"
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))  # the jobs inherit it (sbatch exports the environment)
     for seed, slurm_args in ((0, ["--slurm-time", "20"]), (1, ["--slurm-time", "3", "--slurm-signal-delay", "30"])):
-        fit_args = ["--", "--data.total_env_steps", str(totals[f"pendulum-seed{seed}"]),
-                    "--checkpoint.every_env_steps", "100", "--eval.every_env_steps", "300"]
+        name = f"pendulum-seed{seed}"
+        slow = json.dumps({"class_path": "slow_steps.SlowSteps", "init_args": {"seconds": pause[name]}})
+        fit_args = ["--", "--data.total_env_steps", str(totals[name]), "--checkpoint.every_env_steps", "100",
+                    "--eval.every_env_steps", "300", f"--trainer.callbacks+={slow}"]
         assert reproduce.main([*reproduce_args(workdir, server, "requeue", "--seeds", "1", "--first-seed", str(seed),
                                                *slurm_args), *fit_args]) == 0
     registry = slurm.read_registry(workdir)
