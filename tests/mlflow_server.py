@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 class Server:
-    """``mlflow server`` on 127.0.0.1 with an sqlite store; each start is bounded by ``timeout 600``."""
+    """``mlflow server`` on 127.0.0.1 with an sqlite store; each start is bounded by ``timeout 3600`` (a module of SLURM tests outlasts 10 min)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -24,7 +24,7 @@ class Server:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        command = ["timeout", "600", sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+        command = ["timeout", "3600", sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
                    "--port", str(self.port), "--workers", "1",
                    "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
                    "--artifacts-destination", str(self.folder / "artifacts")]
