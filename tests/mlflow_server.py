@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 class Server:
-    """``mlflow server`` on 127.0.0.1 with an sqlite store; a start is bounded by ``timeout 3600`` (SLURM module: >10 min)."""
+    """``mlflow server`` on 127.0.0.1, sqlite store; a start is bounded by ``timeout 3600`` (SLURM tests: >10 min)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
