@@ -1,7 +1,7 @@
 """Env steps/s of the real fit loop (CLI → Lightning → collector → buffer → update), warm-up vs learning phase.
 
     python benchmarks/fit_speed.py --seconds 120 --out fit.json -- --config conf/ant.yaml --trainer.accelerator gpu \
-        --model.compile_update whole --model.compile_act reduce-overhead --data.storage device
+        --model.update.compile whole --model.compile_act reduce-overhead --data.storage device
 
 Everything after ``--`` goes to ``dime_lightning.fit`` unchanged (evaluation and checkpoints are pushed out of
 the measured window, MLflow is off unless the arguments turn it on). The fit stops ``--seconds`` after the
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     result = {"args": fit_args, "device": str(cli.model.device), "learning_starts": learning_starts,
               "env_steps": cli.model.env_steps, "critic_updates": cli.model.critic_updates,
-              "compile_update": cli.model.hparams.compile_update, **timer.summary()}
+              "compile_update": cli.model.settings.compile, **timer.summary()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print("fit_speed", json.dumps(result), flush=True)

@@ -71,7 +71,7 @@ echo "== 2. speed table, eager and whole-step ($device)"
 if [ "$update" = whole ]; then speed none whole; else speed none; fi
 echo "== 3. real fit, whole-step update"
 "$PY" benchmarks/fit_speed.py --seconds "$seconds" --skip 10 --out "$OUT/fit.json" -- "${fit[@]}" \
-  --model.compile_update "$update" || status=1
+  --model.update.compile "$update" || status=1
 echo "== 4. speed table, compiled losses ($device)"
 [ "$mode" = "--cpu-dry-run" ] || speed default reduce-overhead
 "$PY" benchmarks/gpu_summary.py "$OUT" > "$OUT/summary.md" || status=1

@@ -53,7 +53,7 @@ def fit_command(policy: str, alpha: str, seed: int, args: argparse.Namespace, di
 
 
 def final_alpha(checkpoint: Path) -> float:
-    from dime_lightning.checkpointing import read_checkpoint
+    from dime_lightning.checkpoint_schema import read_checkpoint
 
     return float(read_checkpoint(checkpoint)["state_dict"]["temperature.log_alpha"].exp())
 
@@ -61,9 +61,9 @@ def final_alpha(checkpoint: Path) -> float:
 def finished(checkpoint: Path, steps: int) -> bool:
     """Whether ``checkpoint`` exists and holds a run trained to ``steps`` env steps (a run stopped early by
     SIGTERM leaves a checkpoint too)."""
-    from dime_lightning.checkpointing import read_checkpoint
+    from dime_lightning import checkpoint_schema as schema
 
-    return checkpoint.exists() and read_checkpoint(checkpoint)["dime_counters"]["env_steps"] >= steps
+    return checkpoint.exists() and schema.env_steps(schema.read_checkpoint(checkpoint)) >= steps
 
 
 def evaluate(checkpoint: Path, episodes: int, seed: int) -> dict:

@@ -6,7 +6,7 @@
 
 - ``overhead``: env steps/s of the real fit loop (CLI → Lightning → collector → buffer → update → MLflow;
   evaluation and checkpoints off) divided by a bare loop that calls the trainer's own update object
-  (``dime_lightning.update.DIMEUpdate``) on copies of the same modules with same-shaped batches drawn from a
+  (``dime_lightning.update.DIMEUpdater``) on copies of the same modules with same-shaped batches drawn from a
   pre-filled buffer. Both on Pendulum-v1 at conf/pendulum.yaml sizes, timed over the same number of learning
   steps.
 - ``update``: ms of updates per env step (2 critic updates + 2/3 actor and temperature update) for the
@@ -48,7 +48,8 @@ from dime_lightning.actor import DiffusionActor
 from dime_lightning.critic import DistributionalCritic
 from dime_lightning.gaussian import TanhGaussianActor
 from dime_lightning.temperature import Temperature
-from dime_lightning.update import DIMEUpdate, maybe_compile
+from dime_lightning.update import DIMEUpdater, maybe_compile
+from dime_lightning.update_settings import UpdateSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"Ant-v5": (105, 8), "Humanoid-v5": (348, 17)}
@@ -62,10 +63,11 @@ def random_batch(obs_dim: int, action_dim: int, batch: int) -> TensorDict:
     }, batch_size=[batch])
 
 
-def updater(actor, critic, temperature, mode: str = "none", fused: bool = False) -> DIMEUpdate:
+def updater(actor, critic, temperature, mode: str = "none", fused: bool = False) -> DIMEUpdater:
     """The trainer's own update object (update.py) with the paper's settings; no host sync (check_finite off,
     as for captured updates, except in "whole" mode whose check is deferred)."""
-    update = DIMEUpdate(actor, critic, temperature, compile=mode, check_finite=mode == "whole")
+    settings = UpdateSettings(compile=mode, check_finite=mode == "whole")
+    update = DIMEUpdater(actor, critic, temperature, settings=settings)
     update.build_optimizers(fused=fused)
     return update
 
@@ -136,7 +138,7 @@ def dispatch(modes: list[str], steps: int, workdir: Path) -> dict[str, dict[str,
     results = {}
     for mode in modes:
         (workdir / mode).mkdir(parents=True, exist_ok=True)
-        timer, _ = fit_loop(steps, workdir / mode, False, [*TINY_NETWORKS, "--model.compile_update", mode], skip=4)
+        timer, _ = fit_loop(steps, workdir / mode, False, [*TINY_NETWORKS, "--model.update.compile", mode], skip=4)
         warmup, learning = timer.rate("warmup"), timer.rate("learning")
         results[mode] = {"warmup_env_steps_per_s": warmup, "learning_env_steps_per_s": learning,
                          "update_ms_per_env_step": 1e3 / learning - 1e3 / warmup}

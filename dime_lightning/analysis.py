@@ -22,10 +22,11 @@ import torch
 from tensordict.nn import TensorDictModule
 from torch import nn
 
+from dime_lightning import checkpoint_schema as schema
 from dime_lightning.actor import DiffusionActor
-from dime_lightning.checkpointing import CheckpointError, read_checkpoint, resolve_checkpoint
+from dime_lightning.checkpointing import resolve_checkpoint
 from dime_lightning.envs import make_env
-from dime_lightning.errors import BadInputError
+from dime_lightning.errors import BadInputError, CheckpointError
 from dime_lightning.gaussian import TanhGaussianActor
 from dime_lightning.policy import check_actor
 from dime_lightning.toy_envs import (
@@ -45,7 +46,7 @@ class LoadedPolicy:
     actor: nn.Module
     env_id: str
     config: dict[str, Any]
-    counters: dict[str, int]
+    counters: schema.Counters
     path: Path
 
     @property
@@ -97,14 +98,13 @@ def load_policy(source: str | Path, tracking_uri: str | None = None, device: str
     class's signature; a checkpoint naming anything else is refused (``CheckpointError``)."""
     source = Path(source) / "final.ckpt" if Path(source).is_dir() else source
     path = resolve_checkpoint(str(source), None, tracking_uri).path
-    checkpoint = read_checkpoint(path)
-    config = checkpoint.get("dime_config")
-    if not isinstance(config, dict):
+    checkpoint = schema.read_checkpoint(path)
+    config = schema.config(checkpoint)
+    if not config:
         raise CheckpointError(f"checkpoint {path} has no stored config (written by an older version?)")
     cls, init_args = _actor_spec((config.get("model") or {}).get("actor"), path,
                                  {**ACTOR_CLASSES, **(actor_classes or {})})
-    hparams = checkpoint["hyper_parameters"]
-    dims = (hparams.get("obs_dim"), hparams.get("action_dim"))
+    dims = schema.dims(checkpoint)
     if not all(isinstance(d, int) and d >= 1 for d in dims):
         raise CheckpointError(f"checkpoint {path}: observation/action sizes {dims} are not positive integers")
     actor = check_actor(cls(*dims, **init_args), f"the actor of checkpoint {path}")
@@ -112,7 +112,7 @@ def load_policy(source: str | Path, tracking_uri: str | None = None, device: str
     actor.load_state_dict(state)
     actor.to(device).eval()
     env_id = (config.get("data") or {}).get("env_id")
-    return LoadedPolicy(actor, str(env_id), config, dict(checkpoint["dime_counters"]), path)
+    return LoadedPolicy(actor, str(env_id), config, schema.counters(checkpoint), path)
 
 
 def _as_batch(obs: Any, n: int, actor: nn.Module) -> torch.Tensor:

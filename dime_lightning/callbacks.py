@@ -3,7 +3,7 @@
 - ``Evaluation``: stochastic-policy episodes on a separate env every ``every_env_steps`` (rank 0), and with
   ``video`` an MP4 of one of them every ``video_every`` evaluations (``video.py``), logged to MLflow.
 - ``TrainingMonitor``: training-episode returns and throughput (``time/*``). It checks nothing: non-finite
-  losses are caught by the update itself (``update.py``, ``model.check_finite`` / ``model.nonfinite``) and
+  losses are caught by the update itself (``update.py``, ``model.update.check_finite`` / ``model.update.nonfinite``) and
   non-finite observations or rewards by the data module (``data.py``), both as ``NonFiniteError`` (exit 3).
 - ``EnvStepProgressBar``: env steps out of the total, episode and eval returns, env steps per second.
 

@@ -15,8 +15,8 @@ SIGBUS); buffer dump with its manifest (``buffer_dump``) into a temporary folder
 temporary file → rename; ``last.ckpt`` re-linked atomically; only then are checkpoints beyond the ``keep``
 newest deleted. A kill at any moment leaves the previous ``last.ckpt`` and everything it points to intact.
 
-Reading is weights-only (``safe_checkpoint``): a checkpoint or buffer dump that would need any type beyond
-tensors, plain containers and numpy's RNG-state array is refused before it is unpickled. A resume verifies
+What a checkpoint holds, and the one reader of each entry: ``checkpoint_schema`` (reading is weights-only,
+``safe_checkpoint``; so is a buffer dump's plain-data check). A resume verifies
 the checkpoint's dump against its manifest first; when the newest pair of a folder is damaged (unreadable
 checkpoint, dump that differs from what was written) it falls back to the newest intact pair, saying so.
 """
@@ -38,22 +38,18 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from dime_lightning import checkpoint_schema as schema
 from dime_lightning.buffer_dump import verify_dump
+from dime_lightning.checkpoint_schema import read_checkpoint
 from dime_lightning.errors import BadInputError, CheckpointError, DamagedDumpError, DiskSpaceError, UnsafeCheckpoint
 from dime_lightning.resources import require_free_space
 from dime_lightning.run_lock import RunLock
-from dime_lightning.safe_checkpoint import (
-    UnreadableCheckpointError,
-    UnsafeCheckpointError,
-    check_buffer_dump,
-    safe_load,
-)
+from dime_lightning.safe_checkpoint import UnsafeCheckpointError, check_buffer_dump
 from dime_lightning.schedule import due
 from dime_lightning.tracking import store_creation_lock
 
 STEP_PATTERN = re.compile(r"step-(\d+)\.ckpt")
 RUN_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
-REQUIRED_KEYS = ("state_dict", "dime_counters", "hyper_parameters")
 
 
 CHECKPOINT_ALLOWANCE = 256 << 10  # hyperparameters, config, counters and RNG states beside the tensors
@@ -228,14 +224,14 @@ class EnvStepCheckpoint(Callback):
 
 
 class ConfigInCheckpoint(Callback):
-    """Stores the resolved config in every checkpoint (``checkpoint["dime_config"]``), so that a policy can be
-    rebuilt from the checkpoint file alone (``analysis.load_policy``)."""
+    """Stores the resolved config in every checkpoint (``checkpoint_schema``), so that a policy can be rebuilt
+    from the checkpoint file alone (``analysis.load_policy``)."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        checkpoint["dime_config"] = self.config
+        schema.write_config(checkpoint, self.config)
 
 
 @dataclass(frozen=True)
@@ -259,7 +255,7 @@ def _stored_config(folder: Path) -> dict[str, Any]:
     """The config stored in the newest readable checkpoint of ``folder`` (empty when none is readable)."""
     for path in folder_checkpoints(folder):
         try:
-            return read_checkpoint(path).get("dime_config") or {}
+            return schema.config(read_checkpoint(path))
         except UnsafeCheckpoint:
             raise
         except CheckpointError:
@@ -328,29 +324,12 @@ def _download_checkpoint(run_id: str, tracking_uri: str | None) -> Path:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, tracking_uri=tracking_uri))
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load (memory-mapped, weights only: see ``safe_checkpoint``) and sanity-check a checkpoint; a clear error
-    for corrupt, foreign or unsafe files."""
-    try:
-        checkpoint = safe_load(path)
-    except UnsafeCheckpointError as err:
-        raise UnsafeCheckpoint(str(err)) from err
-    except UnreadableCheckpointError as err:
-        raise CheckpointError(str(err)) from err
-    except Exception as err:
-        raise CheckpointError(f"checkpoint {path} cannot be read (corrupt or truncated?): "
-                              f"{type(err).__name__}: {err}") from err
-    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in REQUIRED_KEYS):
-        raise CheckpointError(f"checkpoint {path} is not a dime_lightning checkpoint (missing {REQUIRED_KEYS})")
-    return checkpoint
-
-
 def check_buffer_beside(checkpoint: dict[str, Any], path: Path, data_key: str) -> Path | None:
     """Verify the replay-buffer dump a checkpoint names (its data module's entry ``data_key``:
     ``compat.datamodule_checkpoint_key``): every rank's files against the manifest that this checkpoint recorded
     (``buffer_dump``; ``DamagedDumpError``), then plain data only (``check_buffer_dump``). Returns the verified
     dump folder (None: no dump named, or none beside the checkpoint)."""
-    state = checkpoint.get(data_key) or {}
+    state = schema.data_state(checkpoint, data_key)
     dump = Path(path).parent / str(state["buffer_dump"]) if state.get("buffer_dump") else None
     if dump is None or not dump.is_dir():
         return None
@@ -387,7 +366,7 @@ def open_for_resume(found: ResolvedCheckpoint, data_key: str) -> tuple[Path, dic
             damaged.append(str(err))
             continue
         if damaged:
-            rank_zero_warn(f"resuming from {path} (env step {checkpoint['dime_counters'].get('env_steps')}), the "
+            rank_zero_warn(f"resuming from {path} (env step {schema.env_steps(checkpoint)}), the "
                            f"newest intact checkpoint of {found.dirpath}, because: {'; '.join(damaged)}")
         return path, checkpoint, dump
     raise CheckpointError(f"no intact checkpoint to resume from in {found.dirpath if found.fallback else found.path}: "
@@ -395,8 +374,7 @@ def open_for_resume(found: ResolvedCheckpoint, data_key: str) -> tuple[Path, dic
 
 
 def check_compatible(checkpoint: dict[str, Any], path: Path, obs_dim: int, action_dim: int) -> None:
-    hparams = checkpoint["hyper_parameters"]
-    saved = (hparams.get("obs_dim"), hparams.get("action_dim"))
+    saved = schema.dims(checkpoint)
     if saved != (obs_dim, action_dim):
         raise CheckpointError(
             f"checkpoint {path} was trained with observation/action sizes {saved}, but this config's env gives "

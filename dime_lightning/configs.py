@@ -15,6 +15,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
+from dime_lightning.errors import BadInputError
+from dime_lightning.update_settings import GROUP, OLD_NAMES
+
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 PREFIX = "conf/"
 
@@ -42,3 +47,42 @@ def resolve_config_args(argv: list[str]) -> list[str]:
             out[index] = "--config=" + resolve_config_path(arg.split("=", 1)[1])
     return out
 
+
+
+def _moved_in_file(path: Path, seen: set[Path]) -> list[str]:
+    """Old update-setting keys under ``model`` in the config file ``path`` and the files it includes."""
+    if path in seen or not path.is_file():
+        return []
+    seen.add(path)
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        return []  # the parser's own error names the file
+    if not isinstance(content, dict):
+        return []
+    model = content.get("model")
+    found = [f"model.{key} (in {path})" for key in (model if isinstance(model, dict) else {}) if key in OLD_NAMES]
+    includes = content.get("config")
+    for include in includes if isinstance(includes, list) else [includes] if includes else []:
+        if isinstance(include, str):
+            found += _moved_in_file((path.parent / include).resolve(), seen)
+    return found
+
+
+def check_moved_keys(argv: list[str]) -> None:
+    """Refuse the update settings' pre-``model.update`` keys (``model.utd`` → ``model.update.utd``, …) on the
+    command line and in ``--config`` files (and the files they include), naming each with its new key.
+
+    argv: command-line arguments, config paths already resolved."""
+    found = [arg.split("=", 1)[0][2:] + " (on the command line)" for arg in argv
+             if arg.startswith("--model.") and arg.split("=", 1)[0][len("--model."):] in OLD_NAMES]
+    seen: set[Path] = set()
+    for index, arg in enumerate(argv):
+        if arg in ("--config", "-c") and index + 1 < len(argv):
+            found += _moved_in_file(Path(argv[index + 1]).resolve(), seen)
+        elif arg.startswith("--config="):
+            found += _moved_in_file(Path(arg.split("=", 1)[1]).resolve(), seen)
+    if found:
+        moves = "; ".join(f"{where} is now {GROUP}.{OLD_NAMES[where.split(' ')[0][len('model.'):]]}"
+                          for where in found)
+        raise BadInputError(f"the update settings moved into the group {GROUP}: {moves}")

@@ -73,7 +73,7 @@ class ReplayDataModule(pl.LightningDataModule):
         learning_starts: env steps of uniform random actions before the first update, >= 0. Default 5000.
         buffer_size: replay capacity in transitions (per rank), >= 1. Default 1000000.
         batch_size: transitions per minibatch (each of the utd minibatches of an env step), >= 1. Default 256.
-        utd: minibatches per env step; linked from model.utd (never set here).
+        utd: minibatches per env step; linked from model.update.utd (never set here).
         frames_per_batch: env steps collected per collector batch (a multiple of num_workers), >= 1. Default 1.
         num_workers: env worker processes of the collector (1: the env runs in this process). Default 1.
         storage: where the replay buffer lives: 'memory' (RAM), 'memmap' (files under scratch_dir) or
@@ -299,9 +299,9 @@ class ReplayDataModule(pl.LightningDataModule):
         self._dump_digest = digest
 
     def state_dict(self) -> dict:
-        """Counters, the buffer dump's name and, per rank (gathered: collective under DDP), RNG states."""
+        """This rank's env steps, the buffer dump's name and, per rank (gathered: collective under DDP), RNG states.
+        The run's env steps are the module's (``checkpoint_schema``): here they are local steps × ranks."""
         return {
-            "env_steps": self.env_steps,
             "local_steps": self._local_steps,
             "buffer_dump": self.buffer_dump,
             "ranks": gather_objects(self._rank_state()),
@@ -325,8 +325,8 @@ class ReplayDataModule(pl.LightningDataModule):
                 f"the checkpoint was written by {len(ranks)} process(es) (trainer.devices × trainer.num_nodes) "
                 f"but this run has {self.world_size}: resume with the same number"
             )
-        self.env_steps = int(state_dict["env_steps"])
         self._local_steps = int(state_dict["local_steps"])
+        self.env_steps = self._local_steps * self.world_size  # every rank takes one env step per batch
         state = ranks[self.rank]
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():

@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from dime_lightning import checkpoint_schema as schema
 from dime_lightning.callbacks import EnvStepProgressBar, Evaluation, TrainingMonitor
 from dime_lightning.checkpointing import (
     ConfigInCheckpoint,
@@ -30,7 +31,7 @@ from dime_lightning.checkpointing import (
     resolve_checkpoint,
 )
 from dime_lightning.compat import datamodule_checkpoint_key
-from dime_lightning.configs import resolve_config_args
+from dime_lightning.configs import check_moved_keys, resolve_config_args
 from dime_lightning.data import ReplayDataModule
 from dime_lightning.distributed import resolve_strategy
 from dime_lightning.errors import (
@@ -106,6 +107,7 @@ class DIMECLI(LightningCLI):
         """Parse as LightningCLI does; on a parse error, also name the config file that causes it (or the value
         that is not a finite float)."""
         argv = list(args) if isinstance(args, list | tuple) else sys.argv[1:]
+        check_moved_keys(argv)  # an old key is named with its new one, not as an unknown key
         for path in _config_files(argv):  # before jsonargparse reads them: its decode error names no file
             try:
                 Path(path).read_bytes().decode("utf-8")
@@ -143,7 +145,7 @@ class DIMECLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.obs_dim", "model.obs_dim", apply_on="instantiate")
         parser.link_arguments("data.action_dim", "model.action_dim", apply_on="instantiate")
-        parser.link_arguments("model.utd", "data.utd")
+        parser.link_arguments("model.update.utd", "data.utd")
         parser.link_arguments("seed_everything", "data.seed")
         parser.add_lightning_class_args(Evaluation, "eval")
         parser.add_lightning_class_args(TrainingMonitor, "monitor")
@@ -186,10 +188,10 @@ class DIMECLI(LightningCLI):
             key = datamodule_checkpoint_key(data)
             self.resume_path, checkpoint, data.verified_dump = open_for_resume(found, key)  # verified, or older
             check_compatible(checkpoint, self.resume_path, data.obs_dim, data.action_dim)
-            run_id = checkpoint.get("mlflow", {}).get("run_id")
-            source = {"run_id": run_id, "env_step": checkpoint["dime_counters"].get("env_steps"),
-                      "tracking_uri": (checkpoint.get("dime_config") or {}).get("mlflow", {}).get("tracking_uri")}
-            saved_ranks = len(checkpoint.get(key, {}).get("ranks", []))
+            run_id = schema.mlflow_run_id(checkpoint)
+            source = {"run_id": run_id, "env_step": schema.env_steps(checkpoint),
+                      "tracking_uri": schema.config(checkpoint).get("mlflow", {}).get("tracking_uri")}
+            saved_ranks = len(schema.data_state(checkpoint, key).get("ranks", []))
             checkpointer.dirpath = checkpointer.dirpath or found.dirpath  # keep writing beside it
             del checkpoint
         elif checkpointer.dirpath is not None and folder_checkpoints(Path(checkpointer.dirpath)):

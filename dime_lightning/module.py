@@ -1,6 +1,6 @@
 """``DIMEModule``: DIME as a Lightning module with manual optimization (docs/algorithm.md §4).
 
-One ``training_step`` = one env step: the framework-free ``update.DIMEUpdate`` runs ``utd`` critic updates
+One ``training_step`` = one env step: the framework-free ``update.DIMEUpdater`` runs ``utd`` critic updates
 and, after every ``policy_delay``-th critic update (counted globally), an actor update, a temperature update and
 the target-actor refresh. The module builds the networks from factories (``actor(obs_dim, action_dim)``,
 ``critic(obs_dim, action_dim)``) whose remaining arguments come from the config (the dimensions come from the
@@ -10,7 +10,6 @@ precision plugins), logs its diagnostics against env steps and checkpoints its c
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -19,16 +18,17 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
+from dime_lightning import checkpoint_schema as schema
 from dime_lightning.actor import DiffusionActor
 from dime_lightning.compat import lightning_logs_this_step, reopen_finished_fit
 from dime_lightning.critic import DistributionalCritic
 from dime_lightning.data import StepBatch
 from dime_lightning.distributed import all_ranks_true, average_running_statistics_, is_distributed, max_over_ranks
 from dime_lightning.errors import BadInputError, NonFiniteError
-from dime_lightning.optim import ACTOR_CRITIC_BETAS
 from dime_lightning.policy import check_actor
 from dime_lightning.temperature import Temperature
-from dime_lightning.update import COMPILE_MODES, CompileMode, DIMEUpdate, make_target_actor, maybe_compile
+from dime_lightning.update import DIMEUpdater, make_target_actor, maybe_compile
+from dime_lightning.update_settings import UpdateSettings
 
 ActorFactory = Callable[[int, int], nn.Module]
 ActMode = Literal["none", "default", "reduce-overhead"]
@@ -46,23 +46,8 @@ class DIMEModule(pl.LightningModule):
             args from the config; ``DiffusionActor`` (DIME) or ``TanhGaussianActor`` (the Gaussian switch).
         critic: the critic ensemble, built as ``critic(obs_dim, action_dim)``; ``DistributionalCritic``.
         temperature: the temperature α, built as ``temperature(action_dim)``; ``Temperature``.
-        gamma: discount γ of the TD target, in [0, 1]. Default 0.99.
-        utd: critic updates per env step (update-to-data ratio), >= 1. Default 2.
-        policy_delay: critic updates per actor update, counted globally over critic updates, >= 1. Default 3.
-        policy_tau: Polyak rate of the target actor in (0, 1]; 1 (default) refreshes it to the actor after
-            every actor update, so no copy is kept.
-        actor_lr: Adam learning rate of the actor, > 0. Default 3e-4.
-        critic_lr: Adam learning rate of the critics, > 0. Default 3e-4.
-        betas: Adam (β1, β2) of actor and critics. Default (0.5, 0.999).
-        actor_grad_clip: element-wise clip of each actor gradient entry to [−c, c] after NaN → 0, > 0. Default 1.
-        critic_entropy_coef: weight of the bonus for the entropy of the critics' output distributions, >= 0.
-            Default 0.005.
-        check_finite: check every loss for NaN/inf and act as ``nonfinite`` says. Default true.
-        nonfinite: on a non-finite loss: 'stop' (exit 3, the last good checkpoint kept) or 'skip' (undo that
-            update and go on, counted in ``train/skipped_updates``). Default 'stop'.
-        compile_update: 'none' (eager), 'default' or 'reduce-overhead' (the three losses through
-            torch.compile), 'whole' (the whole env-step update compiled, and captured as CUDA graphs on a
-            GPU; one process only). Default 'none'.
+        update: the update's settings (``UpdateSettings``: discount, update-to-data ratio, policy delay, learning
+            rates, clipping, non-finite handling, compile mode); the config group ``model.update``.
         compile_act: acting through torch.compile: 'none', 'default', 'reduce-overhead' (a CUDA graph on a
             GPU). Default 'none'.
     """
@@ -74,18 +59,7 @@ class DIMEModule(pl.LightningModule):
         actor: ActorFactory = DiffusionActor,
         critic: CriticFactory = DistributionalCritic,
         temperature: TemperatureFactory = Temperature,
-        gamma: float = 0.99,
-        utd: int = 2,
-        policy_delay: int = 3,
-        policy_tau: float = 1.0,
-        actor_lr: float = 3e-4,
-        critic_lr: float = 3e-4,
-        betas: tuple[float, float] = ACTOR_CRITIC_BETAS,
-        actor_grad_clip: float = 1.0,
-        critic_entropy_coef: float = 0.005,
-        check_finite: bool = True,
-        nonfinite: Literal["stop", "skip"] = "stop",
-        compile_update: CompileMode = "none",
+        update: UpdateSettings = UpdateSettings(),  # noqa: B008 (frozen: one shared default is safe)
         compile_act: ActMode = "none",
     ) -> None:
         super().__init__()
@@ -93,40 +67,23 @@ class DIMEModule(pl.LightningModule):
             raise BadInputError(
                 f"model.obs_dim and model.action_dim come from the env and must be >= 1, got {obs_dim}, {action_dim}"
             )
-        if not 0.0 <= gamma <= 1.0:
-            raise BadInputError(f"model.gamma must be in [0, 1], got {gamma}")
-        if nonfinite not in ("stop", "skip"):
-            raise BadInputError(f"model.nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
-        if compile_update not in COMPILE_MODES:
-            raise BadInputError(f"model.compile_update must be one of {', '.join(map(repr, COMPILE_MODES))}, "
-                             f"got {compile_update!r}")
+        settings = UpdateSettings.of(update)  # a mapping too: a checkpoint's plain data
         if compile_act not in ("none", "default", "reduce-overhead"):
             raise BadInputError(f"model.compile_act must be 'none', 'default' or 'reduce-overhead', "
                                 f"got {compile_act!r}")
-        if not 0.0 < policy_tau <= 1.0:
-            raise BadInputError(f"model.policy_tau must be in (0, 1], got {policy_tau}")
-        for name, value in [("actor_lr", actor_lr), ("critic_lr", critic_lr), ("actor_grad_clip", actor_grad_clip)]:
-            if not (value > 0 and math.isfinite(value)):
-                raise BadInputError(f"model.{name} must be a finite float > 0, got {value}")
-        if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):  # Adam's own check, at start-up
-            raise BadInputError(f"model.betas must be two floats in [0, 1) (Adam's β1, β2), got {list(betas)}")
-        if not (math.isfinite(critic_entropy_coef) and critic_entropy_coef >= 0):
-            raise BadInputError(f"model.critic_entropy_coef must be a finite float >= 0, got {critic_entropy_coef}")
-        self.save_hyperparameters(ignore=["actor", "critic", "temperature"], logger=False)
+        self.save_hyperparameters(ignore=["actor", "critic", "temperature", "update"], logger=False)
+        self.hparams["update"] = settings.as_dict()  # plain data: weights-only loading reads it
         self.automatic_optimization = False
         self.actor = check_actor(actor(obs_dim, action_dim))  # the contract of dime_lightning.policy
         self.critic = critic(obs_dim, action_dim)
         self.temperature = temperature(action_dim)
         # policy_tau = 1 (the reference): the target actor is refreshed to the actor after every actor update,
         # so between refreshes it *is* the actor and no copy is kept.
-        self.target_actor = make_target_actor(self.actor, policy_tau)
+        self.target_actor = make_target_actor(self.actor, settings.policy_tau)
         # the whole env-step update, framework-free (update.py); Lightning's manual_backward keeps DDP's
         # gradient averaging and the precision plugin in the loop for the eager and compiled-loss modes
-        self.updater = DIMEUpdate(
-            self.actor, self.critic, self.temperature, self.target_actor, gamma=gamma, utd=utd,
-            policy_delay=policy_delay, policy_tau=policy_tau, actor_lr=actor_lr, critic_lr=critic_lr, betas=betas,
-            actor_grad_clip=actor_grad_clip, critic_entropy_coef=critic_entropy_coef, check_finite=check_finite,
-            nonfinite=nonfinite, compile=compile_update, backward=self.manual_backward,
+        self.updater = DIMEUpdater(
+            self.actor, self.critic, self.temperature, self.target_actor, settings, backward=self.manual_backward,
             optimizer_step=self._lightning_step, all_finite=self._all_ranks_finite,
             after_critic_step=lambda: average_running_statistics_(self.critic),
         )
@@ -144,8 +101,8 @@ class DIMEModule(pl.LightningModule):
         self.updater.align_loaded_optimizers()  # a resumed checkpoint's optimizer flags are this mode's again
 
     def setup(self, stage: str) -> None:
-        if self.hparams.compile_update == "whole" and self.trainer is not None and self.trainer.world_size > 1:
-            raise BadInputError("model.compile_update 'whole' runs in one process (its backward passes bypass DDP's "
+        if self.settings.compile == "whole" and self.trainer is not None and self.trainer.world_size > 1:
+            raise BadInputError("model.update.compile 'whole' runs in one process (its backward passes bypass DDP's "
                              "gradient averaging): use 'none', 'default' or 'reduce-overhead' with several processes")
 
     # ---- the update: one env step (update.py holds the schedule, the losses and the optimizer steps) ------
@@ -169,6 +126,10 @@ class DIMEModule(pl.LightningModule):
         env-step range; called at logging cadence and before every checkpoint."""
         self.updater.check_nonfinite(f"between env steps {self._checked_at + 1} and {self.env_steps}")
         self._checked_at = self.env_steps
+
+    @property
+    def settings(self) -> UpdateSettings:
+        return self.updater.settings
 
     # the counters live in the updater; these names are the module's public (and checkpointed) view
     @property
@@ -227,16 +188,15 @@ class DIMEModule(pl.LightningModule):
     # ---- checkpointed counters ------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_nonfinite()  # "whole": never write a checkpoint after an unchecked non-finite update
-        checkpoint["dime_counters"] = {
-            "env_steps": self.env_steps, "critic_updates": self.critic_updates, "actor_updates": self.actor_updates,
-            "skipped_updates": self.skipped_updates,
-        }
+        schema.write_counters(checkpoint, schema.Counters(self.env_steps, self.critic_updates, self.actor_updates,
+                                                          self.skipped_updates))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Training length is data.total_env_steps, not Lightning epochs: forget that the one "epoch" of a
         # finished run was complete, so that resuming its final checkpoint with a larger total trains on.
         reopen_finished_fit(checkpoint)
-        counters = checkpoint["dime_counters"]
-        self.env_steps = self._checked_at = counters["env_steps"]
+        schema.upgrade(checkpoint)  # a layout-1 checkpoint (checkpoint_schema) loads as this layout
+        counters = schema.counters(checkpoint)
+        self.env_steps = self._checked_at = counters.env_steps
         self.updater.load_counters(counters)
 

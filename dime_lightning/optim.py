@@ -10,8 +10,6 @@ from collections.abc import Iterable
 
 import torch
 
-from dime_lightning.errors import BadInputError
-
 ACTOR_CRITIC_BETAS = (0.5, 0.999)
 
 
@@ -21,8 +19,6 @@ def adam(
 ):
     """Adam over the trainable ``params``; ``fused`` updates all of them in one kernel; ``capturable`` (CUDA)
     keeps the step counts on the device, so that a step can be captured in a CUDA graph."""
-    if not lr > 0:
-        raise BadInputError(f"learning rate must be > 0, got {lr}")
     return torch.optim.Adam([p for p in params if p.requires_grad], lr=lr, betas=betas, fused=fused or None,
                             capturable=capturable)
 

@@ -36,7 +36,8 @@ def run_tags(config: dict[str, Any]) -> dict[str, str]:
     model, data = config.get("model") or {}, config.get("data") or {}
     actor = (model.get("actor") or {}).get("class_path", "") if isinstance(model.get("actor"), dict) else ""
     return {"dime.task": str(data.get("env_id")), "dime.actor": actor_label(actor),
-            "dime.seed": str(config.get("seed_everything")), "dime.compile": str(model.get("compile_update"))}
+            "dime.seed": str(config.get("seed_everything")),
+            "dime.compile": str((model.get("update") or {}).get("compile"))}
 
 
 def default_run_name(config: dict[str, Any]) -> str:

@@ -6,19 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dime_lightning.errors import BadInputError
-
 
 @dataclass(frozen=True)
 class UpdateSchedule:
+    """The counts of ``UpdateSettings.utd`` and ``policy_delay`` (validated there)."""
+
     utd: int = 2
     policy_delay: int = 3
-
-    def __post_init__(self) -> None:
-        if self.utd < 1:
-            raise BadInputError(f"UpdateSchedule: utd must be >= 1, got {self.utd}")
-        if self.policy_delay < 1:
-            raise BadInputError(f"UpdateSchedule: policy_delay must be >= 1, got {self.policy_delay}")
 
     def actor_due(self, critic_updates_done: int) -> bool:
         """Whether an actor update follows the critic update that brings the count to ``critic_updates_done``."""

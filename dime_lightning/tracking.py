@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from dime_lightning import checkpoint_schema as schema
 from dime_lightning.errors import TrackingError
 from dime_lightning.runs import run_tags
 from dime_lightning.tracking_queue import QueuedClient
@@ -197,7 +198,7 @@ class MLflowRunInfo(Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         logger = trainer.logger
         if isinstance(logger, MLFlowLogger) and trainer.is_global_zero:  # rank 0 writes the checkpoint
-            checkpoint["mlflow"] = {"run_id": logger.run_id, "experiment_id": logger.experiment_id}
+            schema.write_mlflow_run(checkpoint, logger.run_id, logger.experiment_id)
 
     @rank_zero_only
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:

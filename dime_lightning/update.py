@@ -1,6 +1,6 @@
 """The update of one env step, outside any framework (docs/algorithm.md §4): DIME's whole learning step in one object.
 
-    updater = DIMEUpdate(actor, critic, temperature)        # the paper's settings are the defaults
+    updater = DIMEUpdater(actor, critic, temperature)       # the paper's settings (UpdateSettings) by default
     updater.build_optimizers(fused=device.type == "cuda")   # once the modules sit on their device
     metrics = updater(sample)                               # sample: (utd, B) TensorDict of transitions
 
@@ -9,7 +9,8 @@ every ``policy_delay``-th critic update (counted globally), an actor update (NaN
 of its gradients), a temperature update and the target-actor refresh, each on the same minibatch. It returns
 detached diagnostics. No Lightning, no MLflow, no env: ``DIMEModule.training_step`` and ``benchmarks/`` call it.
 
-``compile`` selects how the step runs:
+The settings (discount, schedule, learning rates, clipping, non-finite handling, compile mode) are one
+``update_settings.UpdateSettings``. Its ``compile`` selects how the step runs:
 
 - ``"none"``: eager PyTorch (the default).
 - ``"default"`` / ``"reduce-overhead"``: the two loss functions through ``torch.compile`` (with CUDA graphs for
@@ -34,20 +35,19 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 from tensordict import TensorDict
 from torch import nn
 
+from dime_lightning.checkpoint_schema import Counters
 from dime_lightning.errors import BadInputError, NonFiniteError
 from dime_lightning.losses import actor_loss, critic_loss, temperature_loss
-from dime_lightning.optim import ACTOR_CRITIC_BETAS, adam, gradient_norm, zero_nan_and_clip_gradients_
+from dime_lightning.optim import adam, gradient_norm, zero_nan_and_clip_gradients_
 from dime_lightning.schedule import UpdateSchedule
 from dime_lightning.temperature import Temperature
+from dime_lightning.update_settings import UpdateSettings
 
-CompileMode = Literal["none", "default", "reduce-overhead", "whole"]
-COMPILE_MODES = ("none", "default", "reduce-overhead", "whole")
 NONFINITE_SLOTS = ("loss_critic", "loss_actor", "loss_alpha")
 
 
@@ -76,11 +76,12 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return tensors
 
 
-class DIMEUpdate:
+class DIMEUpdater:
     """Actor, critic and temperature updates of one env step, with their optimizers and the schedule counters.
 
     ``target_actor`` (``policy_tau < 1``) is a Polyak-averaged copy used for the critic target; with
-    ``policy_tau = 1`` (the reference) the target actor is the actor and none is kept.
+    ``policy_tau = 1`` (the reference) the target actor is the actor and none is kept. ``settings``: an
+    ``UpdateSettings`` (or its fields as a mapping); the defaults are the paper's.
     """
 
     def __init__(
@@ -89,33 +90,16 @@ class DIMEUpdate:
         critic: nn.Module,
         temperature: Temperature,
         target_actor: nn.Module | None = None,
-        gamma: float = 0.99,
-        utd: int = 2,
-        policy_delay: int = 3,
-        policy_tau: float = 1.0,
-        actor_lr: float = 3e-4,
-        critic_lr: float = 3e-4,
-        betas: tuple[float, float] = ACTOR_CRITIC_BETAS,
-        actor_grad_clip: float = 1.0,
-        critic_entropy_coef: float = 0.005,
-        check_finite: bool = True,
-        nonfinite: Literal["stop", "skip"] = "stop",
-        compile: CompileMode = "none",
+        settings: UpdateSettings | dict | None = None,
         backward: Callable[[torch.Tensor], None] | None = None,
         optimizer_step: Callable[[torch.optim.Optimizer], None] | None = None,
         all_finite: Callable[[torch.Tensor], bool] | None = None,
         after_critic_step: Callable[[], None] | None = None,
     ) -> None:
-        if compile not in COMPILE_MODES:
-            raise BadInputError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
-        if nonfinite not in ("stop", "skip"):
-            raise BadInputError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+        self.settings = settings = UpdateSettings.of(settings)
         self.actor, self.critic, self.temperature, self.target_actor = actor, critic, temperature, target_actor
-        self.schedule = UpdateSchedule(utd, policy_delay)
-        self.gamma, self.policy_tau, self.actor_grad_clip = gamma, policy_tau, actor_grad_clip
-        self.actor_lr, self.critic_lr, self.betas = actor_lr, critic_lr, tuple(betas)
-        self.critic_entropy_coef = critic_entropy_coef
-        self.check_finite, self.nonfinite, self.mode = check_finite, nonfinite, compile
+        self.schedule = UpdateSchedule(settings.utd, settings.policy_delay)
+        self.mode = compile = settings.compile
         if compile == "whole":  # plain PyTorch inside the compiled graph (one process: no DDP hooks)
             backward = optimizer_step = after_critic_step = None
         self.backward = backward or torch.Tensor.backward
@@ -129,7 +113,7 @@ class DIMEUpdate:
         self.commit_statistics = getattr(critic, "commit_statistics_", None) if compile != "none" else None
         if self.commit_statistics is not None:
             critic.defer_statistics_(True)
-        self._undo_nonfinite = compile == "whole" and check_finite and nonfinite == "skip"
+        self._undo_nonfinite = compile == "whole" and settings.check_finite and settings.nonfinite == "skip"
         self.critic_updates = self.actor_updates = self.skipped_updates = 0
         self.optimizers: list[torch.optim.Optimizer] = []
         self._nonfinite: torch.Tensor | None = None  # "whole": non-finite losses per slot since the last check
@@ -147,8 +131,9 @@ class DIMEUpdate:
         whole = self.mode == "whole"
         options = {"capturable": True} if whole and device.type == "cuda" else {}
         fused = fused or (whole and device.type == "cpu")
-        self.critic_opt = adam(self.critic.parameters(), self.critic_lr, self.betas, fused, **options)
-        self.actor_opt = adam(self.actor.parameters(), self.actor_lr, self.betas, fused, **options)
+        s = self.settings
+        self.critic_opt = adam(self.critic.parameters(), s.critic_lr, s.betas, fused, **options)
+        self.actor_opt = adam(self.actor.parameters(), s.actor_lr, s.betas, fused, **options)
         self.alpha_opt = None
         if self.temperature.log_alpha.requires_grad:  # fixed α has nothing to optimise
             self.alpha_opt = torch.optim.Adam([self.temperature.log_alpha], lr=self.temperature.lr,
@@ -183,7 +168,7 @@ class DIMEUpdate:
         """Run one env step's updates on ``sample`` (utd, B); returns detached diagnostics of the last critic
         and (if one ran) the last actor update. Without ``diagnostics``, eager modes skip the gradient norms."""
         if not self.optimizers:
-            raise RuntimeError("DIMEUpdate.build_optimizers() must be called before the first update")
+            raise RuntimeError("DIMEUpdater.build_optimizers() must be called before the first update")
         if sample.batch_size[0] != self.schedule.utd:
             raise BadInputError(f"the sample must hold utd = {self.schedule.utd} minibatches, got {sample.batch_size}")
         if self.mode == "whole":
@@ -207,7 +192,7 @@ class DIMEUpdate:
         if self.mode != "whole":  # "whole" marks the step once, outside its captured graph
             mark_compiled_step()
         metrics = self.critic_loss(self.critic, self.target_actor or self.actor, minibatch, self.temperature.alpha(),
-                                   self.gamma, self.critic_entropy_coef)
+                                   self.settings.gamma, self.settings.critic_entropy_coef)
         loss = metrics.pop("loss_critic")
         if self._skip_now("loss_critic", loss):
             return None
@@ -234,7 +219,7 @@ class DIMEUpdate:
             return None
         self.actor_opt.zero_grad()
         self.backward(loss)
-        zero_nan_and_clip_gradients_(self.actor.parameters(), self.actor_grad_clip)
+        zero_nan_and_clip_gradients_(self.actor.parameters(), self.settings.actor_grad_clip)
         metrics["loss_actor"] = loss.detach()
         if self.mode == "reduce-overhead":
             metrics = metrics.clone()
@@ -256,7 +241,7 @@ class DIMEUpdate:
         if self.target_actor is None:
             return
         for target, online in zip(self.target_actor.parameters(), self.actor.parameters(), strict=True):
-            target.lerp_(online, self.policy_tau)
+            target.lerp_(online, self.settings.policy_tau)
 
     # ---- "whole": the env step as one compiled (and on CUDA, graph-replayed) function ----------------------
     def phase(self) -> tuple[bool, ...]:
@@ -292,11 +277,11 @@ class DIMEUpdate:
 
     def _skip_now(self, name: str, loss: torch.Tensor) -> bool:
         """Eager check (one host sync): stop with a message, or skip this optimizer step and count it."""
-        if not self.check_finite or self.mode == "whole":
+        if not self.settings.check_finite or self.mode == "whole":
             return False
         if self.all_finite(torch.isfinite(loss)):
             return False
-        if self.nonfinite == "stop":
+        if self.settings.nonfinite == "stop":
             value = f"= {loss.item()}" if not bool(torch.isfinite(loss)) else "on another rank"
             raise NonFiniteError(f"non-finite {name} {value}")
         self.skipped_updates += 1
@@ -306,12 +291,12 @@ class DIMEUpdate:
         if self.mode != "whole":
             self.optimizer_step(optimizer)
             return
-        if not self.check_finite:
+        if not self.settings.check_finite:
             optimizer.step()
             return
         finite = torch.isfinite(loss.detach())
         self._nonfinite[slot] += (~finite).float()
-        if self.nonfinite == "stop":
+        if self.settings.nonfinite == "stop":
             optimizer.step()  # a non-finite step is stopped on at the next check, before any checkpoint
             return
         written = _optimizer_tensors(optimizer)
@@ -325,10 +310,10 @@ class DIMEUpdate:
         """"whole" mode: read the device-side counts (one host sync). Non-finite losses since the last check
         raise ``NonFiniteError`` naming the losses and ``where`` (``nonfinite="stop"``), or add to
         ``skipped_updates`` (``"skip"``). A no-op in the other modes, whose checks run at every update."""
-        if self.mode != "whole" or not self.check_finite or self._nonfinite is None:
+        if self.mode != "whole" or not self.settings.check_finite or self._nonfinite is None:
             return
         counts = self._nonfinite.tolist()
-        if self.nonfinite == "skip":
+        if self.settings.nonfinite == "skip":
             self.skipped_updates += int(self._skipped.item())
             self._skipped.zero_()
             self._nonfinite.zero_()
@@ -337,15 +322,15 @@ class DIMEUpdate:
             names = ", ".join(f"{name} ({int(n)}×)" for name, n in zip(NONFINITE_SLOTS, counts, strict=True) if n)
             raise NonFiniteError(f"non-finite {names} {where}")
 
-    # ---- state --------------------------------------------------------------------------------------------
+    # ---- state ----------------------------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
         return {"critic_updates": self.critic_updates, "actor_updates": self.actor_updates,
                 "skipped_updates": self.skipped_updates}
 
-    def load_counters(self, counters: dict[str, int]) -> None:
-        self.critic_updates = int(counters["critic_updates"])
-        self.actor_updates = int(counters["actor_updates"])
-        self.skipped_updates = int(counters.get("skipped_updates", 0))
+    def load_counters(self, counters: Counters) -> None:
+        self.critic_updates = counters.critic_updates
+        self.actor_updates = counters.actor_updates
+        self.skipped_updates = counters.skipped_updates
 
 
 def make_target_actor(actor: nn.Module, policy_tau: float) -> nn.Module | None:

@@ -312,7 +312,7 @@ def test_an_nn_module_control_samples_and_trains_through_the_bound():
 
 
 def test_an_nn_module_control_under_torch_compile():
-    """The compiled paths of DIMEModule (compile_update: the actor loss; compile_act: acting) with a module
+    """The compiled paths of DIMEModule (model.update.compile: the actor loss; compile_act: acting) with a module
     control: the same loss and gradients as eager."""
     torch.manual_seed(11)
     actor, critic = small_actor(), small_critic()

@@ -34,9 +34,9 @@ SHARED = {
     "model.critic.init_args.brn_eps": 0.001, "model.critic.init_args.brn_warmup_steps": 100_000,
     "model.temperature.init_args.init_alpha": 1.0, "model.temperature.init_args.mode": "auto",
     "model.temperature.init_args.target_per_dim": 4.0, "model.temperature.init_args.lr": 0.001,
-    "model.gamma": 0.99, "model.utd": 2, "model.policy_delay": 3, "model.policy_tau": 1.0,
-    "model.actor_lr": 0.0003, "model.critic_lr": 0.0003, "model.betas": [0.5, 0.999],
-    "model.actor_grad_clip": 1.0, "model.critic_entropy_coef": 0.005, "data.learning_starts": 5000,
+    "model.update.gamma": 0.99, "model.update.utd": 2, "model.update.policy_delay": 3, "model.update.policy_tau": 1.0,
+    "model.update.actor_lr": 0.0003, "model.update.critic_lr": 0.0003, "model.update.betas": [0.5, 0.999],
+    "model.update.actor_grad_clip": 1.0, "model.update.critic_entropy_coef": 0.005, "data.learning_starts": 5000,
     "data.buffer_size": 1_000_000, "data.batch_size": 256, "eval.episodes": 5,
 }
 # Per family: value support (± v) and evaluation cadence; the env ids that belong to it.

@@ -86,7 +86,7 @@ def test_pendulum_smoke_fit_through_the_real_cli(tmp_path):
     for key in ("train/q_mean", "train/policy_q_mean"):  # the critic's and the actor's Q, both logged
         assert client.get_metric_history(run_id, key), key
     params = client.get_run(run_id).data.params
-    assert params["data.env_id"] == "Pendulum-v1" and params["model.utd"] == "2" and "version.torch" in params
+    assert params["data.env_id"] == "Pendulum-v1" and params["model.update.utd"] == "2" and "version.torch" in params
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {
         a.path for a in client.list_artifacts(run_id, "checkpoints")}
     assert {"config.yaml", "checkpoints/final.ckpt"} <= artifacts
@@ -111,8 +111,8 @@ BAD_INPUTS = {
     "v_min >= v_max": (["--model.critic.v_min", "10", "--model.critic.v_max", "5"], "v_min"),
     "num_steps < 1": (["--model.actor.num_steps", "0"], "num_steps"),
     "batch_size < 1": (["--data.batch_size", "0"], "batch_size"),
-    "utd < 1": (["--model.utd", "0"], "utd"),
-    "negative learning rate": (["--model.actor_lr", "-0.001"], "actor_lr"),
+    "utd < 1": (["--model.update.utd", "0"], "utd"),
+    "negative learning rate": (["--model.update.actor_lr", "-0.001"], "actor_lr"),
     "negative temperature lr": (["--model.temperature.lr", "-1"], "lr"),
     "total < learning_starts": (["--data.total_env_steps", "50"], "total_env_steps"),
     "unknown env id": (["--data.env_id", "NoSuchEnv-v3"], "unknown env id 'NoSuchEnv-v3'"),

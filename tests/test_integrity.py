@@ -261,10 +261,10 @@ def test_a_run_moved_to_another_store_continues_in_a_new_run_that_says_where_fro
 
 # ---- values refused before anything is created ----------------------------------------------------------
 @pytest.mark.parametrize(("args", "message"), [
-    (["--model.betas", "[2.0,0.5]"], "model.betas must be two floats in [0, 1)"),
+    (["--model.update.betas", "[2.0,0.5]"], "model.update.betas must be two floats in [0, 1)"),
     (["--data.buffer_size", "1000000000000"], "data.buffer_size 1000000000000 with data.storage 'memory'"),
-    (["--model.gamma", "nan"], "nan is not a finite float"),
-    (["--model.critic_lr=inf"], "inf is not a finite float"),
+    (["--model.update.gamma", "nan"], "nan is not a finite float"),
+    (["--model.update.critic_lr=inf"], "inf is not a finite float"),
     (["--mlflow.tracking_uri", "http://127.0.0.1:9"], "is not usable"),  # checked before the folder is locked
 ])
 def test_values_are_refused_before_anything_is_created(tmp_path, monkeypatch, capsys, args, message):

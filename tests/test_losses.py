@@ -13,6 +13,7 @@ from torch import nn
 
 from dime_lightning.actor import DiffusionActor
 from dime_lightning.critic import DistributionalCritic, project_distribution
+from dime_lightning.errors import BadInputError
 from dime_lightning.losses import (
     actor_loss,
     categorical_cross_entropy,
@@ -23,6 +24,7 @@ from dime_lightning.losses import (
 from dime_lightning.optim import ACTOR_CRITIC_BETAS, adam, gradient_norm, zero_nan_and_clip_gradients_
 from dime_lightning.policy import ActorOutput
 from dime_lightning.temperature import Temperature
+from dime_lightning.update_settings import UpdateSettings
 
 OBS_DIM, ACTION_DIM, B = 3, 2, 8
 GAMMA = 0.99
@@ -653,8 +655,8 @@ def test_adam_conventions_and_gradient_norm() -> None:
     assert group["betas"] == ACTOR_CRITIC_BETAS == (0.5, 0.999)
     assert group["lr"] == 3e-4
     assert len(group["params"]) == 1 and group["params"][0] is trainable
-    with pytest.raises(ValueError, match="learning rate"):
-        adam([trainable], lr=0.0)
+    with pytest.raises(BadInputError, match=r"model\.update\.actor_lr must be a finite float > 0"):
+        UpdateSettings(actor_lr=0.0)  # checked with the other settings, before any optimizer is built
     trainable.grad = torch.tensor([3.0, 0.0])
     other = nn.Parameter(torch.zeros(1))
     other.grad = torch.tensor([4.0])

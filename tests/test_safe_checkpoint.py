@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from dime_lightning.analysis import load_policy
-from dime_lightning.checkpointing import CheckpointError, read_checkpoint
+from dime_lightning.checkpoint_schema import read_checkpoint
+from dime_lightning.errors import CheckpointError
 from dime_lightning.fit import build_cli
 from dime_lightning.safe_checkpoint import check_buffer_dump
 

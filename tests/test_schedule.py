@@ -2,7 +2,9 @@
 
 import pytest
 
+from dime_lightning.errors import BadInputError
 from dime_lightning.schedule import UpdateSchedule, due
+from dime_lightning.update_settings import UpdateSettings
 
 
 def simulate(schedule: UpdateSchedule, env_steps: int) -> tuple[int, int, list[int]]:
@@ -37,5 +39,5 @@ def test_an_env_step_event_falls_on_the_multiples_whatever_the_start():
 
 @pytest.mark.parametrize(("utd", "delay"), [(0, 3), (2, 0)])
 def test_invalid_schedule(utd, delay):
-    with pytest.raises(ValueError, match="utd" if utd < 1 else "policy_delay"):
-        UpdateSchedule(utd=utd, policy_delay=delay)
+    with pytest.raises(BadInputError, match="model.update.utd" if utd < 1 else "model.update.policy_delay"):
+        UpdateSettings(utd=utd, policy_delay=delay)

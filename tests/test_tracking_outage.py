@@ -16,7 +16,7 @@ import pytest
 from mlflow_server import Server
 
 from dime_lightning import tracking_queue
-from dime_lightning.checkpointing import read_checkpoint
+from dime_lightning.checkpoint_schema import read_checkpoint
 from dime_lightning.tracking_queue import PENDING_GLOB
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,8 @@ from dime_lightning.critic import DistributionalCritic
 from dime_lightning.errors import NonFiniteError
 from dime_lightning.safe_checkpoint import safe_load
 from dime_lightning.temperature import Temperature
-from dime_lightning.update import DIMEUpdate
+from dime_lightning.update import DIMEUpdater
+from dime_lightning.update_settings import UpdateSettings
 
 OBS, ACT, B = 5, 2, 16
 
@@ -52,8 +53,8 @@ def samples(env_steps: int, seed: int = 3) -> list[TensorDict]:
     return [torch.stack([transitions(), transitions()]) for _ in range(env_steps)]  # (utd, B) each
 
 
-def run(mode: str, modules, data: list[TensorDict], **kwargs) -> tuple[DIMEUpdate, list[TensorDict]]:
-    updater = DIMEUpdate(*modules, compile=mode, **kwargs)
+def run(mode: str, modules, data: list[TensorDict], **kwargs) -> tuple[DIMEUpdater, list[TensorDict]]:
+    updater = DIMEUpdater(*modules, settings=UpdateSettings(compile=mode, **kwargs))
     updater.build_optimizers()
     torch.manual_seed(1)  # the same diffusion noise in both runs
     return updater, [updater(sample, diagnostics=True) for sample in data]
@@ -171,7 +172,7 @@ ALLOWED_BREAKS = {
 def test_whole_step_graph_breaks_are_the_named_ones(pattern) -> None:
     """Each of the 3 variants "whole" compiles at utd 2 / delay 3 (Dynamo's explain: tracing only)."""
     torch._dynamo.reset()  # explain reports what it traces: code compiled by earlier tests would be skipped
-    updater = DIMEUpdate(*tiny_modules(), compile="whole")
+    updater = DIMEUpdater(*tiny_modules(), settings=UpdateSettings(compile="whole"))
     updater.build_optimizers()
     explained = torch._dynamo.explain(functools.partial(updater.env_step_body, pattern=pattern))(samples(1)[0])
     reasons = [reason.reason for reason in explained.break_reasons]
@@ -219,7 +220,7 @@ def test_whole_mode_fit_is_killed_and_resumes_with_the_counters_of_an_uninterrup
     """The real CLI in "whole" mode: trains, checkpoints, is SIGKILLed after its first checkpoint and resumes."""
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, "-m", "dime_lightning.fit", "--config", str(root / "conf" / "pendulum.yaml"),
-               "--config", str(root / "conf" / "smoke.yaml"), "--model.compile_update", "whole",
+               "--config", str(root / "conf" / "smoke.yaml"), "--model.update.compile", "whole",
                "--data.total_env_steps", "450", "--mlflow.tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                "--trainer.enable_progress_bar", "false", "--checkpoint.dirpath", str(tmp_path / "ckpt")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -254,7 +255,7 @@ def test_a_checkpoint_of_another_mode_resumes_with_this_modes_optimizer_flags() 
     eager, _ = run("none", tiny_modules(), data)
     saved = [copy.deepcopy(optimizer.state_dict()) for optimizer in eager.optimizers]
     assert not saved[0]["param_groups"][0]["fused"]
-    whole = DIMEUpdate(*tiny_modules(), compile="whole")
+    whole = DIMEUpdater(*tiny_modules(), settings=UpdateSettings(compile="whole"))
     for optimizer, state_dict in zip(whole.build_optimizers(), saved, strict=True):
         optimizer.load_state_dict(state_dict)
     assert not whole.critic_opt.param_groups[0]["fused"]  # the checkpoint's flag, not this mode's
