@@ -6,7 +6,7 @@ background, torch on one thread, optionally pinned to a core; a run whose folder
 ``--ckpt_path last`` into the same MLflow run, a FINISHED one is skipped, a running one refuses a second writer):
 
     python benchmarks/paper_tasks_cpu.py launch cheetah-run:0 pendulum-swingup:0 --cpus 0 1
-    python benchmarks/paper_tasks_cpu.py launch cheetah-run:1 --dry-run      # print the fit command only
+    python benchmarks/paper_tasks_cpu.py launch cheetah-run:1 --dry_run      # print the fit command only
     python benchmarks/paper_tasks_cpu.py launch pendulum-swingup:0:gaussian  # the Gaussian actor, same machinery
     python benchmarks/paper_tasks_cpu.py launch pendulum-swingup:0:brn-warmup-100k  # one CPU deviation undone
 
@@ -335,11 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("runs", nargs="+", help=f"<task>:<seed>[:<variant>], task in {sorted(TASKS)}, "
                        f"variant in {sorted(VARIANTS)} (default diffusion)")
     start.add_argument("--cpus", type=int, nargs="*", default=[], help="one core per run to pin it to")
-    start.add_argument("--dry-run", action="store_true", help="print the fit commands only")
+    start.add_argument("--dry_run", action="store_true", help="print the fit commands only")
     show = commands.add_parser("report", help="JSON, figures and the markdown tables")
     show.add_argument("--reps", type=int, default=aggregates.DEFAULT_REPS, help="bootstrap replications")
     for sub in (start, show):
-        sub.add_argument("--tracking-uri", default=TRACKING_URI, help="the benchmark's MLflow store")
+        sub.add_argument("--tracking_uri", default=TRACKING_URI, help="the benchmark's MLflow store")
     args = parser.parse_args(argv)
     try:
         if args.command == "launch":

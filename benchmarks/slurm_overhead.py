@@ -40,7 +40,7 @@ SMOKE = ROOT / "conf" / "smoke.yaml"
 
 def args_for(workdir: Path, uri: str, experiment: str, *more: str) -> list[str]:
     return ["--tasks", "pendulum", "--overlay", str(SMOKE), "--reference", "none", "--launcher", "slurm",
-            "--tracking-uri", uri, "--workdir", str(workdir), "--experiment", experiment, "--slurm-time", "30",
+            "--tracking_uri", uri, "--workdir", str(workdir), "--experiment", experiment, "--slurm_time", "30",
             *more]
 
 

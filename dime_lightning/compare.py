@@ -2,7 +2,7 @@
 with the interquartile mean (IQM) and its stratified-bootstrap 95 % confidence interval.
 
     python -m dime_lightning.compare --experiment Pendulum-v1 [--metric eval/return_mean]
-        [--group-by params.model.actor.class_path] [--tracking-uri sqlite:///mlflow.db] [--out curves.png]
+        [--group_by params.model.actor.class_path] [--tracking_uri sqlite:///mlflow.db] [--out curves.png]
     python -m dime_lightning.compare --experiment dm_control/pendulum-swingup --reference paper
 
 Each group (e.g. DIME vs Gaussian) of each task (``params.data.env_id``; the experiment name when it is not
@@ -20,7 +20,6 @@ evaluation return everywhere else.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +30,7 @@ import pandas as pd
 from dime_lightning import aggregates, reference
 from dime_lightning.errors import CompareError
 from dime_lightning.runs import DEFAULT_TRACKING_URI, actor_label, resolve_tracking_uri
+from dime_lightning.small_cli import make_parser, parse
 
 DEFAULT_GROUP = "params.model.actor.class_path"
 TASK_COLUMN = "params.data.env_id"
@@ -76,7 +76,7 @@ def find_runs(experiment: str, tracking_uri: str, group_by: str) -> pd.DataFrame
         raise CompareError(f"experiment {experiment!r} has no runs")
     if group_by not in runs.columns:
         keys = sorted(c for c in runs.columns if c.startswith(("params.", "tags.")))
-        raise CompareError(f"unknown --group-by {group_by!r}; available: {keys}")
+        raise CompareError(f"unknown --group_by {group_by!r}; available: {keys}")
     runs = runs.copy()
     runs["group"] = runs[group_by].fillna("(unset)").map(actor_label)
     tasks = runs[TASK_COLUMN] if TASK_COLUMN in runs.columns else pd.Series(np.nan, index=runs.index)
@@ -360,19 +360,18 @@ def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit code (2 for unknown names).
 
     argv: arguments (default: ``sys.argv[1:]``)."""
-    parser = argparse.ArgumentParser(prog="python -m dime_lightning.compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser("dime_lightning.compare", __doc__)
     parser.add_argument("--experiment", required=True, help="MLflow experiment name (default name: the env id)")
     parser.add_argument("--metric", default=None, help="default: each task's published metric (eval/success_rate "
                         "for the MyoSuite hand tasks, eval/return_mean otherwise)")
-    parser.add_argument("--group-by", default=DEFAULT_GROUP, help="a run column, e.g. params.seed_everything")
-    parser.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    parser.add_argument("--group_by", default=DEFAULT_GROUP, help="a run column, e.g. params.seed_everything")
+    parser.add_argument("--tracking_uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     parser.add_argument("--out", type=Path, default=Path("curves.png"))
     parser.add_argument("--reference", choices=sorted(reference.SOURCES), default=None,
                         help="draw the published curves of the same tasks (paper: the DIME authors' 10 seeds)")
     parser.add_argument("--reps", type=int, default=aggregates.DEFAULT_REPS, help="bootstrap replications")
     parser.add_argument("--csv", type=Path, default=None, help="also write the table as CSV")
-    args = parser.parse_args(argv)
+    args = parse(parser, argv, renamed=("--group_by", "--tracking_uri"))
     if args.reps < 1:
         parser.error(f"--reps must be >= 1, got {args.reps}")
     uri = resolve_tracking_uri(args.tracking_uri)

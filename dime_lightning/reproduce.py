@@ -20,9 +20,9 @@ dm_control or myosuite stop the command before any run starts (exit 2).
 
 On a SLURM cluster (the ``slurm`` extra, from a login node; the store an ``mlflow server``):
 
-    python -m dime_lightning.reproduce --tasks all-dmc --seeds 10 --launcher slurm --tracking-uri http://HOST:5000 \
-        --slurm-partition gpu --slurm-gpus 1 --slurm-cpus 8 --slurm-time 240 -- --trainer.accelerator gpu
-    python -m dime_lightning.reproduce --tasks all-dmc --seeds 10 --tracking-uri http://HOST:5000 --status
+    python -m dime_lightning.reproduce --tasks all-dmc --seeds 10 --launcher slurm --tracking_uri http://HOST:5000 \
+        --slurm_partition gpu --slurm_gpus 1 --slurm_cpus 8 --slurm_time 240 -- --trainer.accelerator gpu
+    python -m dime_lightning.reproduce --tasks all-dmc --seeds 10 --tracking_uri http://HOST:5000 --status
 
 Each (task, seed) is one job named ``<task>-seed<seed>``; the command prints the job ids and returns (``--wait``:
 it waits, reports and compares). A job that reaches its time limit, is preempted or requeued writes its
@@ -32,7 +32,6 @@ submits only runs that are neither FINISHED nor queued or running (job ids in ``
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -43,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from jsonargparse import ArgumentParser, Namespace
 
 from dime_lightning import compare, reference, slurm
 from dime_lightning.checkpointing import folder_checkpoints
@@ -50,6 +50,7 @@ from dime_lightning.configs import CONF_DIR, resolve_config_path
 from dime_lightning.envs import EnvIdError, check_env_id
 from dime_lightning.errors import ReproduceError
 from dime_lightning.runs import resolve_tracking_uri
+from dime_lightning.small_cli import make_parser, parse
 
 ALL_DMC = "all-dmc"
 GROUPS = {"all": ("",), ALL_DMC: ("dmc_",), "all-gym": ("ant", "humanoid"), "all-myo": ("myo_",)}  # stem prefixes
@@ -200,24 +201,26 @@ def _run(name: str, command: list[str], log: Path, threads: int) -> tuple[str, i
     return name, code, minutes
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dime_lightning.reproduce", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+RENAMED = ("--first_seed", "--tracking_uri", "--dry_run", *slurm.OPTIONS)  # hyphenated in earlier releases
+
+
+def _parser() -> ArgumentParser:
+    parser = make_parser("dime_lightning.reproduce", __doc__)
     parser.add_argument("--tasks", nargs="+", required=True,
                         help=f"config stems, env ids, YAML files or {', '.join(GROUPS)}")
     parser.add_argument("--seeds", type=int, default=10, help="seeds per task (the paper: 10)")
-    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--first_seed", type=int, default=0)
     parser.add_argument("--launcher", choices=["local", "slurm"], default="local",
                         help="local: fit processes on this machine; slurm: one SLURM job per task and seed")
     parser.add_argument("--parallel", type=int, default=1, help="local: fit processes side by side")
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
-    parser.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "
+    parser.add_argument("--tracking_uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "
                         "(slurm: an http(s):// mlflow server every node reaches)")
     parser.add_argument("--workdir", type=Path, default=Path("reproduce_runs"))
     parser.add_argument("--overlay", type=Path, nargs="*", default=[], help="configs after each task's config")
     parser.add_argument("--reference", choices=[*sorted(reference.SOURCES), "none"], default="paper")
     parser.add_argument("--reps", type=int, default=5000, help="bootstrap replications of the comparison")
-    parser.add_argument("--dry-run", action="store_true", help="print the fit commands and stop")
+    parser.add_argument("--dry_run", action="store_true", help="print the fit commands and stop")
     parser.add_argument("--status", action="store_true", help="report each run's SLURM and MLflow state and stop")
     parser.add_argument("--wait", action="store_true", help="slurm: after submitting, wait until every job has "
                         "left the queue, report, and compare")
@@ -226,11 +229,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_slurm(args: argparse.Namespace, uri: str) -> slurm.SlurmOptions:
+def _check_slurm(args: Namespace, uri: str) -> slurm.SlurmOptions:
     options = slurm.options_from_args(args)
     options.check()
     if not uri.startswith(("http://", "https://")):
-        raise ReproduceError(f"--launcher slurm needs an MLflow tracking server every job reaches (--tracking-uri "
+        raise ReproduceError(f"--launcher slurm needs an MLflow tracking server every job reaches (--tracking_uri "
                              f"http://HOST:PORT, from `mlflow server --backend-store-uri postgresql://...`), not "
                              f"{uri!r}: hundreds of jobs must not write one file store on a shared file system")
     slurm.check_programs()
@@ -243,7 +246,7 @@ def _check_slurm(args: argparse.Namespace, uri: str) -> slurm.SlurmOptions:
     return options
 
 
-def _report(names: list[str], metrics: dict[str, str], args: argparse.Namespace, uri: str) -> dict[str, str]:
+def _report(names: list[str], metrics: dict[str, str], args: Namespace, uri: str) -> dict[str, str]:
     """Print one line per run (SLURM job and state when submitted from the workdir, MLflow state, last
     evaluation); returns run name → MLflow status."""
     registry = {k: v for k, v in slurm.read_registry(args.workdir).items() if k in names}
@@ -258,7 +261,7 @@ def _report(names: list[str], metrics: dict[str, str], args: argparse.Namespace,
     return {name: summaries.get(name, ("-",))[0] for name in names}
 
 
-def _compare(args: argparse.Namespace, uri: str, source: str) -> int:
+def _compare(args: Namespace, uri: str, source: str) -> int:
     out = args.workdir / "compare.png"
     try:
         _, table, _ = compare.compare(args.experiment, tracking_uri=uri, out=out, reference_source=source,
@@ -272,7 +275,7 @@ def _compare(args: argparse.Namespace, uri: str, source: str) -> int:
     return 0
 
 
-def _launch_slurm(plan: list[tuple[str, list[str]]], options: slurm.SlurmOptions, args: argparse.Namespace) -> None:
+def _launch_slurm(plan: list[tuple[str, list[str]]], options: slurm.SlurmOptions, args: Namespace) -> None:
     registry = slurm.read_registry(args.workdir)
     queued = slurm.queued_states([registry[name] for name, _ in plan if name in registry])
     jobs = []
@@ -299,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    args = _parser().parse_args(argv)
+    args = parse(_parser(), argv, RENAMED)
     uri = resolve_tracking_uri(args.tracking_uri)
     source = None if args.reference == "none" else args.reference
     try:

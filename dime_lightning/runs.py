@@ -12,7 +12,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 def resolve_tracking_uri(given: str | None) -> str:
     """``given``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory.
 
-    given: the URI a command was given (``--tracking-uri``, ``mlflow.tracking_uri``), or None."""
+    given: the URI a command was given (``--tracking_uri``, ``mlflow.tracking_uri``), or None."""
     return given or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
@@ -30,7 +30,7 @@ def actor_label(value: str) -> str:
 def run_tags(config: dict[str, Any]) -> dict[str, str]:
     """The tags of a run, from its resolved config: ``dime.task`` (env id), ``dime.actor`` (``DIME``, ``Gaussian``
     or the class path), ``dime.seed`` and ``dime.compile`` (the update's compile mode). The MLflow UI and
-    ``compare --group-by tags.dime.actor`` group by them.
+    ``compare --group_by tags.dime.actor`` group by them.
 
     config: the resolved fit config (``model``, ``data``, ``seed_everything``)."""
     model, data = config.get("model") or {}, config.get("data") or {}

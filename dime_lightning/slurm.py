@@ -2,9 +2,9 @@
 limits.
 
 Each job (``FitJob``) runs ``python -m dime_lightning.fit`` as a child process and waits for it:
-- time limit: SLURM sends SIGUSR2 ``--slurm-signal-delay`` seconds before the limit; submitit calls
+- time limit: SLURM sends SIGUSR2 ``--slurm_signal_delay`` seconds before the limit; submitit calls
   ``FitJob.checkpoint``, which sends the fit SIGTERM (it writes its checkpoint and exits) and hands the job back
-  to submitit, which requeues it (``scontrol requeue``) at most ``--slurm-max-requeues`` times;
+  to submitit, which requeues it (``scontrol requeue``) at most ``--slurm_max_requeues`` times;
 - preemption, ``scontrol requeue``: SLURM sends SIGTERM to the job's processes; the fit writes its checkpoint
   and exits, and SLURM requeues the job (the wrapper ignores SIGTERM, as submitit sets it up);
 - every attempt whose checkpoint folder holds checkpoints adds ``--ckpt_path last``: the fit continues the same
@@ -18,7 +18,6 @@ job that is still queued or running.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -29,6 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from jsonargparse import ArgumentParser, Namespace
+
 from dime_lightning.checkpointing import folder_checkpoints
 from dime_lightning.errors import EXIT_SIGTERM, FitFailed, SlurmError
 
@@ -36,7 +37,7 @@ REGISTRY = "slurm_jobs.json"
 SBATCH_KEY = re.compile(r"[a-z][a-z0-9-]*")
 JOB_ID = re.compile(r"\d+(_\d+)?")  # a job, or one task of an array
 PROGRAMS = ("sbatch", "srun", "squeue", "scontrol")
-RESERVED = {"signal": "--slurm-signal-delay (the checkpoint signal is SIGUSR2)", "time": "--slurm-time",
+RESERVED = {"signal": "--slurm_signal_delay (the checkpoint signal is SIGUSR2)", "time": "--slurm_time",
             "job-name": "the run name", "output": "submitit", "error": "submitit", "nodes": "reproduce (1 per job)",
             "ntasks-per-node": "reproduce (1 per job)", "requeue": "reproduce (always on)"}
 
@@ -58,28 +59,28 @@ class SlurmOptions:
 
     def check(self) -> None:
         """``SlurmError`` naming the first option out of range."""
-        for name, value, low in (("--slurm-gpus", self.gpus, 0), ("--slurm-cpus", self.cpus, 1),
-                                 ("--slurm-time", self.time_min, 1), ("--slurm-signal-delay", self.signal_delay_s, 1),
-                                 ("--slurm-max-requeues", self.max_requeues, 0)):
+        for name, value, low in (("--slurm_gpus", self.gpus, 0), ("--slurm_cpus", self.cpus, 1),
+                                 ("--slurm_time", self.time_min, 1), ("--slurm_signal_delay", self.signal_delay_s, 1),
+                                 ("--slurm_max_requeues", self.max_requeues, 0)):
             if value < low:
                 raise SlurmError(f"{name} must be >= {low}, got {value}")
         if self.mem_gb is not None and self.mem_gb <= 0:
-            raise SlurmError(f"--slurm-mem-gb must be > 0, got {self.mem_gb}")
+            raise SlurmError(f"--slurm_mem_gb must be > 0, got {self.mem_gb}")
         if self.signal_delay_s >= self.time_min * 60:
-            raise SlurmError(f"--slurm-signal-delay ({self.signal_delay_s} s) must be shorter than --slurm-time "
+            raise SlurmError(f"--slurm_signal_delay ({self.signal_delay_s} s) must be shorter than --slurm_time "
                              f"({self.time_min} min)")
         self.extra_parameters()
 
     def extra_parameters(self) -> dict[str, str | bool]:
-        """``--slurm-sbatch KEY[=VALUE]`` as sbatch parameters (a KEY alone is a flag)."""
+        """``--slurm_sbatch KEY[=VALUE]`` as sbatch parameters (a KEY alone is a flag)."""
         found: dict[str, str | bool] = {}
         for item in self.sbatch:
             key, sep, value = item.lstrip("-").partition("=")
             if not SBATCH_KEY.fullmatch(key):
-                raise SlurmError(f"--slurm-sbatch {item!r}: expected an sbatch option as KEY=VALUE or KEY "
+                raise SlurmError(f"--slurm_sbatch {item!r}: expected an sbatch option as KEY=VALUE or KEY "
                                  "(e.g. constraint=a100, exclusive)")
             if key in RESERVED:
-                raise SlurmError(f"--slurm-sbatch {item!r}: {key} is set by {RESERVED[key]}")
+                raise SlurmError(f"--slurm_sbatch {item!r}: {key} is set by {RESERVED[key]}")
             found[key] = value if sep else True
         return found
 
@@ -96,27 +97,31 @@ class SlurmOptions:
         return params
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``--slurm-*`` options of ``reproduce`` (used with ``--launcher slurm``)."""
+OPTIONS = ("--slurm_partition", "--slurm_account", "--slurm_qos", "--slurm_gpus", "--slurm_cpus", "--slurm_mem_gb",
+           "--slurm_time", "--slurm_signal_delay", "--slurm_max_requeues", "--slurm_sbatch")
+
+
+def add_arguments(parser: ArgumentParser) -> None:
+    """The ``--slurm_*`` options (``OPTIONS``) of ``reproduce`` (used with ``--launcher slurm``)."""
     group = parser.add_argument_group("SLURM (--launcher slurm; one job per task and seed, one node each)")
-    group.add_argument("--slurm-partition", default=None, help="partition (default: the cluster's)")
-    group.add_argument("--slurm-account", default=None, help="account to charge")
-    group.add_argument("--slurm-qos", default=None, help="quality of service")
-    group.add_argument("--slurm-gpus", type=int, default=0, help="GPUs per job (0: none)")
-    group.add_argument("--slurm-cpus", type=int, default=1, help="CPUs per job (the fit's OMP_NUM_THREADS)")
-    group.add_argument("--slurm-mem-gb", type=float, default=None, help="memory per job in GiB (default: the "
+    group.add_argument("--slurm_partition", default=None, help="partition (default: the cluster's)")
+    group.add_argument("--slurm_account", default=None, help="account to charge")
+    group.add_argument("--slurm_qos", default=None, help="quality of service")
+    group.add_argument("--slurm_gpus", type=int, default=0, help="GPUs per job (0: none)")
+    group.add_argument("--slurm_cpus", type=int, default=1, help="CPUs per job (the fit's OMP_NUM_THREADS)")
+    group.add_argument("--slurm_mem_gb", type=float, default=None, help="memory per job in GiB (default: the "
                        "cluster's)")
-    group.add_argument("--slurm-time", type=int, default=60, help="time limit per attempt in minutes; a job that "
+    group.add_argument("--slurm_time", type=int, default=60, help="time limit per attempt in minutes; a job that "
                        "reaches it writes its checkpoint and is requeued")
-    group.add_argument("--slurm-signal-delay", type=int, default=120, help="seconds between the checkpoint signal "
+    group.add_argument("--slurm_signal_delay", type=int, default=120, help="seconds between the checkpoint signal "
                        "and the time limit (SLURM may send it up to 60 s earlier)")
-    group.add_argument("--slurm-max-requeues", type=int, default=20, help="requeues after a time limit before a "
+    group.add_argument("--slurm_max_requeues", type=int, default=20, help="requeues after a time limit before a "
                        "job is left FAILED (preemptions are not counted)")
-    group.add_argument("--slurm-sbatch", nargs="*", default=[], metavar="KEY=VALUE",
+    group.add_argument("--slurm_sbatch", nargs="*", default=[], metavar="KEY=VALUE",
                        help="further sbatch options, e.g. constraint=a100 exclusive")
 
 
-def options_from_args(args: argparse.Namespace) -> SlurmOptions:
+def options_from_args(args: Namespace) -> SlurmOptions:
     """The ``SlurmOptions`` of parsed ``add_arguments`` options."""
     return SlurmOptions(args.slurm_partition, args.slurm_account, args.slurm_qos, args.slurm_gpus, args.slurm_cpus,
                         args.slurm_mem_gb, args.slurm_time, args.slurm_signal_delay, args.slurm_max_requeues,

@@ -16,7 +16,6 @@ A record the store rejects (an invalid value, a deleted run) is dropped with a w
 
 from __future__ import annotations
 
-import argparse
 import collections
 import itertools
 import json
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dime_lightning.errors import BadInputError
+from dime_lightning.small_cli import make_parser, parse
 
 PENDING_GLOB = "mlflow-pending-*.jsonl"  # one file per fit process: mlflow-pending-<start time>-<pid>.jsonl
 REJECTED = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST",
@@ -342,13 +342,14 @@ def replay(target: Path, tracking_uri: str | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dime_lightning.tracking_queue",
-                                     description="Deliver tracking records kept while the MLflow store was down.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    replay_parser = sub.add_parser("replay", help="deliver the mlflow-pending-*.jsonl files under a folder")
+    parser = make_parser("dime_lightning.tracking_queue",
+                         "Deliver tracking records kept while the MLflow store was down.")
+    replay_parser = make_parser("dime_lightning.tracking_queue replay",
+                                "Deliver the mlflow-pending-*.jsonl files under a folder.")
     replay_parser.add_argument("target", type=Path, help="a checkpoint folder (searched) or a pending file")
     replay_parser.add_argument("--tracking_uri", default=None, help="store to deliver to (default: the recorded one)")
-    args = parser.parse_args(argv)
+    parser.add_subcommands().add_subcommand("replay", replay_parser, help="deliver the pending records under a folder")
+    args = parse(parser, argv).replay
     if not args.target.exists():
         parser.error(f"{args.target} does not exist")
     raise SystemExit(1 if replay(args.target, args.tracking_uri) else 0)

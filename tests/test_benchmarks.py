@@ -183,5 +183,5 @@ def test_paper_tasks_launch_resumes_a_folder_with_checkpoints_and_skips_finished
     assert not list(runs.glob("*.log"))  # a dry run starts nothing
     assert bench.main(["launch", "cheetah-run:x"]) == 2
     assert "expected <task>:<seed>" in capsys.readouterr().err
-    assert bench.main(["launch", "cheetah-run:0", "--cpus", "0", "1", "--dry-run"]) == 2
+    assert bench.main(["launch", "cheetah-run:0", "--cpus", "0", "1", "--dry_run"]) == 2
     assert "--cpus names 2 cores for 1 runs" in capsys.readouterr().err

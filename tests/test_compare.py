@@ -42,18 +42,18 @@ def test_one_curve_per_group_with_mean_and_spread(tracking_uri, tmp_path):
 
 def test_command_writes_the_png(tracking_uri, tmp_path, capsys):
     out = tmp_path / "cli.png"
-    assert compare.main(["--experiment", "Pendulum-v1", "--tracking-uri", tracking_uri, "--out", str(out),
-                         "--group-by", "params.seed_everything", "--reps", "200"]) == 0
+    assert compare.main(["--experiment", "Pendulum-v1", "--tracking_uri", tracking_uri, "--out", str(out),
+                         "--group_by", "params.seed_everything", "--reps", "200"]) == 0
     assert out.stat().st_size > 0 and "wrote" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--experiment", "Nope"], "unknown experiment 'Nope'"),
     (["--experiment", "Pendulum-v1", "--metric", "eval/nope"], "unknown metric 'eval/nope'"),
-    (["--experiment", "Pendulum-v1", "--group-by", "params.nope"], "unknown --group-by 'params.nope'"),
+    (["--experiment", "Pendulum-v1", "--group_by", "params.nope"], "unknown --group_by 'params.nope'"),
 ])
 def test_unknown_names_are_listed_with_what_exists(tracking_uri, tmp_path, capsys, args, message):
-    assert compare.main([*args, "--tracking-uri", tracking_uri, "--out", str(tmp_path / "x.png")]) == 2
+    assert compare.main([*args, "--tracking_uri", tracking_uri, "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert message in err and ("Pendulum-v1" in err or "eval/return_mean" in err or "params.seed_everything" in err)
 
@@ -78,7 +78,7 @@ def test_reference_paper_draws_both_curves_and_tabulates_iqm_and_ci(tmp_path, ca
     uri = f"sqlite:///{tmp_path / 'dmc.db'}"
     _dmc_runs(uri, "dm_control/pendulum-swingup", {"dm_control/pendulum-swingup": [10.0, 300.0, 700.0]})
     out, csv = tmp_path / "ref.png", tmp_path / "ref.csv"
-    assert compare.main(["--experiment", "dm_control/pendulum-swingup", "--tracking-uri", uri, "--out", str(out),
+    assert compare.main(["--experiment", "dm_control/pendulum-swingup", "--tracking_uri", uri, "--out", str(out),
                          "--reference", "paper", "--reps", "500", "--csv", str(csv)]) == 0
     assert out.stat().st_size > 0 and "IQM 95% CI low" in capsys.readouterr().out
     curves, table, fig = compare.compare("dm_control/pendulum-swingup", tracking_uri=uri,
@@ -120,7 +120,7 @@ def test_gym_v5_against_the_papers_v3_is_labelled(tmp_path):
 
 
 def test_reference_for_a_task_without_published_curves_exits_2(tracking_uri, tmp_path, capsys):
-    assert compare.main(["--experiment", "Pendulum-v1", "--tracking-uri", tracking_uri, "--reference", "paper",
+    assert compare.main(["--experiment", "Pendulum-v1", "--tracking_uri", tracking_uri, "--reference", "paper",
                          "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "no 'paper' reference for env id 'Pendulum-v1'" in err and "dmc_pendulum_swingup" in err

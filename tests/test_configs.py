@@ -123,7 +123,7 @@ def test_conf_names_the_packaged_configs_from_any_folder(tmp_path, monkeypatch, 
     assert resolve_config_path("conf/nope.yaml") == "conf/nope.yaml"  # the parser's error names it
     assert resolve_config_args(["-c", "conf/ant.yaml"]) == ["-c", str(CONF_DIR / "ant.yaml")]
     assert reproduce.main(["--tasks", "conf/dmc_cheetah_run.yaml", "--overlay", "conf/smoke.yaml", "--seeds", "1",
-                           "--dry-run", "--reference", "none", "--workdir", str(tmp_path / "runs")]) == 0
+                           "--dry_run", "--reference", "none", "--workdir", str(tmp_path / "runs")]) == 0
     command = capsys.readouterr().out
     assert f"--config {CONF_DIR / 'dmc_cheetah_run.yaml'} --config {CONF_DIR / 'smoke.yaml'}" in command
     (tmp_path / "conf").mkdir()

@@ -175,7 +175,7 @@ def test_a_smoke_fit_on_a_hand_task_logs_success_and_compares_with_the_published
     rates = [m.value for m in client.get_metric_history(run.info.run_id, "eval/success_rate")]
     assert len(rates) == 2 and all(0.0 <= r <= 1.0 for r in rates)  # evaluations at 150 and 300 env steps
     out = tmp_path / "compare.png"
-    assert compare.main(["--experiment", "myoHandReachRandom-v0", "--tracking-uri", uri, "--reference", "paper",
+    assert compare.main(["--experiment", "myoHandReachRandom-v0", "--tracking_uri", uri, "--reference", "paper",
                          "--reps", "200", "--out", str(out)]) == 0
     table = capsys.readouterr().out
     assert "final eval/success_rate" in table and "myo_hand_reach_rndm" in table and "IQM 95% CI low" in table

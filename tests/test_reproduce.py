@@ -23,7 +23,7 @@ needs_dmc = pytest.mark.skipif(importlib.util.find_spec("dm_control") is None, r
 def test_dmc_smoke_reproduction_runs_and_compares_with_the_paper(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'repro.db'}"
     args = ["--tasks", "dm_control/pendulum-swingup", "--seeds", "1", "--overlay", str(ROOT / "conf" / "smoke.yaml"),
-            "--experiment", "repro", "--tracking-uri", uri, "--workdir", str(tmp_path / "runs"), "--reps", "200"]
+            "--experiment", "repro", "--tracking_uri", uri, "--workdir", str(tmp_path / "runs"), "--reps", "200"]
     result = subprocess.run([sys.executable, "-m", "dime_lightning.reproduce", *args], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     log = (tmp_path / "runs" / "dmc_pendulum_swingup-seed0.log")
@@ -67,14 +67,14 @@ def test_all_is_every_published_task_of_the_three_families():
 @pytest.mark.skipif(importlib.util.find_spec("myosuite") is None or importlib.util.find_spec("dm_control") is None,
                     reason="needs the dmc and myo extras (a missing one stops reproduce before any run)")
 def test_all_dry_run_lists_the_21_tasks_times_the_seeds(tmp_path, capsys):
-    assert reproduce.main(["--tasks", "all", "--seeds", "2", "--dry-run", "--reference", "none", "--workdir",
+    assert reproduce.main(["--tasks", "all", "--seeds", "2", "--dry_run", "--reference", "none", "--workdir",
                            str(tmp_path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 42 and sum("myo_hand_pen_twirl_random.yaml" in line for line in lines) == 2
 
 
 def test_all_dmc_is_the_fifteen_published_tasks_with_seeds_and_passthrough(tmp_path, capsys):
-    assert reproduce.main(["--tasks", "all-dmc", "--seeds", "2", "--first-seed", "3", "--dry-run", "--reference",
+    assert reproduce.main(["--tasks", "all-dmc", "--seeds", "2", "--first_seed", "3", "--dry_run", "--reference",
                            "none", "--workdir", str(tmp_path), "--", "--trainer.accelerator", "gpu"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 30 and all(line.endswith("--trainer.accelerator gpu") for line in lines)
@@ -86,6 +86,6 @@ def test_a_seed_whose_folder_holds_checkpoints_is_resumed_not_restarted(tmp_path
     (tmp_path / "runs" / "pendulum-seed0").mkdir(parents=True)
     (tmp_path / "runs" / "pendulum-seed0" / "last.ckpt").write_bytes(b"")  # an earlier attempt's checkpoint
     assert reproduce.main(["--tasks", "pendulum", "--seeds", "2", "--workdir", str(tmp_path / "runs"),
-                           "--reference", "none", "--dry-run"]) == 0
+                           "--reference", "none", "--dry_run"]) == 0
     seed0, seed1 = capsys.readouterr().out.strip().splitlines()
     assert seed0.endswith("--ckpt_path last") and "--ckpt_path" not in seed1

@@ -43,7 +43,7 @@ def cluster(tmp_path_factory):
 
 def reproduce_args(workdir: Path, server: Server, experiment: str, *more: str) -> list[str]:
     return ["--tasks", "pendulum", "--overlay", str(SMOKE), "--reference", "none", "--launcher", "slurm",
-            "--tracking-uri", server.uri, "--workdir", str(workdir), "--experiment", experiment, "--poll", "2",
+            "--tracking_uri", server.uri, "--workdir", str(workdir), "--experiment", experiment, "--poll", "2",
             *more]
 
 
@@ -72,7 +72,7 @@ def wait_while_queued(jobs: list[str], timeout: float, on_poll=None) -> None:
 
 
 def test_two_smoke_jobs_finish_and_are_not_submitted_again(tmp_path, cluster, server, capsys):
-    args = reproduce_args(tmp_path / "runs", server, "two", "--seeds", "2", "--slurm-time", "20")
+    args = reproduce_args(tmp_path / "runs", server, "two", "--seeds", "2", "--slurm_time", "20")
     assert reproduce.main(args) == 0
     out = capsys.readouterr().out
     registry = slurm.read_registry(tmp_path / "runs")
@@ -113,12 +113,12 @@ def test_requeue_and_time_limit_resume_into_the_same_run(tmp_path, cluster, serv
     pause = {"pendulum-seed0": 0.05, "pendulum-seed1": 0.15}
     workdir = tmp_path / "runs"
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))  # the jobs inherit it (sbatch exports the environment)
-    for seed, slurm_args in ((0, ["--slurm-time", "20"]), (1, ["--slurm-time", "3", "--slurm-signal-delay", "30"])):
+    for seed, slurm_args in ((0, ["--slurm_time", "20"]), (1, ["--slurm_time", "3", "--slurm_signal_delay", "30"])):
         name = f"pendulum-seed{seed}"
         slow = json.dumps({"class_path": "slow_steps.SlowSteps", "init_args": {"seconds": pause[name]}})
         fit_args = ["--", "--data.total_env_steps", str(totals[name]), "--checkpoint.every_env_steps", "100",
                     "--eval.every_env_steps", "300", f"--trainer.callbacks+={slow}"]
-        assert reproduce.main([*reproduce_args(workdir, server, "requeue", "--seeds", "1", "--first-seed", str(seed),
+        assert reproduce.main([*reproduce_args(workdir, server, "requeue", "--seeds", "1", "--first_seed", str(seed),
                                                *slurm_args), *fit_args]) == 0
     registry = slurm.read_registry(workdir)
     requeued = []
@@ -179,7 +179,7 @@ def test_srun_runs_a_two_rank_ddp_fit(tmp_path, cluster, server):
 
 
 def test_a_fit_that_fails_ends_its_job_failed_without_requeue(tmp_path, cluster, server, capsys):
-    args = reproduce_args(tmp_path / "runs", server, "failing", "--seeds", "1", "--slurm-time", "10", "--wait",
+    args = reproduce_args(tmp_path / "runs", server, "failing", "--seeds", "1", "--slurm_time", "10", "--wait",
                           "--", "--data.total_env_steps", "-5")
     assert reproduce.main(args) == 1
     captured = capsys.readouterr()

@@ -88,12 +88,12 @@ def test_a_failed_fit_fails_the_job(tmp_path, code, message):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--tracking-uri", "sqlite:///x.db"], "--launcher slurm needs an MLflow tracking server"),
-    (["--tracking-uri", "http://h:5000", "--slurm-sbatch", "signal=USR1@60"], "signal is set by --slurm-signal-delay"),
-    (["--tracking-uri", "http://h:5000", "--slurm-sbatch", "Bad Key"], "expected an sbatch option"),
-    (["--tracking-uri", "http://h:5000", "--slurm-time", "2", "--slurm-signal-delay", "120"],
-     "--slurm-signal-delay (120 s) must be shorter than --slurm-time (2 min)"),
-    (["--tracking-uri", "http://h:5000", "--slurm-cpus", "0"], "--slurm-cpus must be >= 1, got 0"),
+    (["--tracking_uri", "sqlite:///x.db"], "--launcher slurm needs an MLflow tracking server"),
+    (["--tracking_uri", "http://h:5000", "--slurm_sbatch", "signal=USR1@60"], "signal is set by --slurm_signal_delay"),
+    (["--tracking_uri", "http://h:5000", "--slurm_sbatch", "Bad Key"], "expected an sbatch option"),
+    (["--tracking_uri", "http://h:5000", "--slurm_time", "2", "--slurm_signal_delay", "120"],
+     "--slurm_signal_delay (120 s) must be shorter than --slurm_time (2 min)"),
+    (["--tracking_uri", "http://h:5000", "--slurm_cpus", "0"], "--slurm_cpus must be >= 1, got 0"),
 ])
 def test_bad_slurm_input_exits_2_before_anything_is_submitted(tmp_path, capsys, args, message):
     code = reproduce.main(["--tasks", "pendulum", "--reference", "none", "--launcher", "slurm", "--workdir",
