@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_fit import CONF, run_fit
+from fit_runs import CONF, run_fit
 
 from dime_lightning import checkpoint_schema as schema
+from dime_lightning.analysis import load_policy
 from dime_lightning.errors import EXIT_BAD_INPUT, BadInputError, CheckpointError
 from dime_lightning.fit import build_cli
 from dime_lightning.update_settings import NAMES, UpdateSettings
@@ -74,6 +75,8 @@ def test_a_layout1_checkpoint_reads_as_the_current_layout():
     assert schema.config(checkpoint)["model"]["update"]["compile"] == "none"
     assert schema.counters(checkpoint) == schema.Counters(60, 40, 13, 0)
     assert schema.dims(checkpoint) == (3, 1)
+    policy = load_policy(LAYOUT1)  # the notebooks' path
+    assert policy.counters.env_steps == 60 and policy.config["model"]["update"]["utd"] == 2
 
 
 def test_a_checkpoint_of_a_newer_layout_is_refused(tmp_path):

@@ -3,36 +3,21 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 import yaml
+from fit_runs import CONF, run_fit
 
 from dime_lightning import fit
 from dime_lightning.errors import EXIT_BAD_INPUT
 from dime_lightning.fit import build_cli
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
 OVERLAYS = {"smoke.yaml", "gaussian.yaml"}
 TASK_CONFIGS = sorted(p for p in CONF.glob("*.yaml") if p.name not in OVERLAYS)
 PAPER_CONFIGS = {"halfcheetah", "hopper", "walker2d", "ant", "humanoid", "dmc_humanoid_run", "dmc_dog_run"}
 HAS_DMC = importlib.util.find_spec("dm_control") is not None
-
-
-def run_fit(tmp_path: Path, *args: str, timeout: int = 300, launcher: tuple[str, ...] = ("-m",)
-            ) -> subprocess.CompletedProcess:
-    """The fit CLI in a subprocess; ``launcher``: what runs ``dime_lightning.fit`` (e.g. torchrun's ``-m`` line)."""
-    command = [sys.executable, *launcher, "dime_lightning.fit", *args,
-               "--mlflow.tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-               "--checkpoint.dirpath", str(tmp_path / "ckpt"), "--trainer.enable_progress_bar", "false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}  # test envs and callbacks
-    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.mark.parametrize("config", TASK_CONFIGS, ids=lambda p: p.stem)

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from test_resume import (
+from fit_runs import (
     assert_histories_strictly_increasing,
     environment,
     fit_command,

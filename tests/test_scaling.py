@@ -8,8 +8,8 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from test_fit import run_fit
-from test_losses import make_actor, make_batch, make_critic
+from fit_runs import run_fit
+from tiny_networks import make_actor, make_batch, make_critic
 from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
 
 from dime_lightning.collection import CollectionPolicy, build_collector

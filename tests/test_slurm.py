@@ -18,9 +18,9 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from fit_runs import assert_histories_strictly_increasing
 from mlflow_server import Server
 from slurm_cluster import LocalSlurm, skip_reason
-from test_resume import assert_histories_strictly_increasing
 
 from dime_lightning import reproduce, slurm
 
