@@ -42,6 +42,7 @@ import pandas as pd
 
 from dime_lightning import aggregates, checkpointing, compare, reference, reproduce
 from dime_lightning.configs import CONF_DIR
+from dime_lightning.small_cli import respell
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "benchmarks" / "runs"
@@ -340,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("--reps", type=int, default=aggregates.DEFAULT_REPS, help="bootstrap replications")
     for sub in (start, show):
         sub.add_argument("--tracking_uri", default=TRACKING_URI, help="the benchmark's MLflow store")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(respell(sys.argv[1:] if argv is None else argv, ("--dry_run", "--tracking_uri"),
+                                     parser.prog))  # the hyphenated spellings of earlier versions, with a note
     try:
         if args.command == "launch":
             print("\n".join(launch(args.runs, args.cpus, args.dry_run, args.tracking_uri)))

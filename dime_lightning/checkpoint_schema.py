@@ -17,8 +17,10 @@ the data module's entry  local env steps, buffer-dump name, per-rank RNG states 
 
 Layout 1 (before ``dime_layout``) kept the update settings at the top of ``hyper_parameters`` and of the config's
 ``model`` (``compile`` was ``compile_update``) and the env steps also in the data module's entry. ``upgrade``
-rewrites a layout-1 checkpoint in memory; ``read_checkpoint`` and ``DIMEModule.on_load_checkpoint`` apply it, so
-old checkpoints resume and load as new ones.
+rewrites a layout-1 checkpoint in memory and ``read_checkpoint`` applies it: every reader of a checkpoint file goes
+through it, so old checkpoints resume and load as new ones (Lightning's own load during a resume reads the weights,
+optimizer states and counters, whose layout did not change). ``DIMEModule.load_from_checkpoint`` is not a way to
+load them: it would build a layout-1 module with the default update settings (``analysis.load_policy`` is).
 
 Reading is weights-only (``safe_checkpoint``): a file that would need any type beyond tensors, plain containers
 and numpy's RNG-state array is refused before it is unpickled.

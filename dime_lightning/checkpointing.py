@@ -40,7 +40,6 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dime_lightning import checkpoint_schema as schema
 from dime_lightning.buffer_dump import verify_dump
-from dime_lightning.checkpoint_schema import read_checkpoint
 from dime_lightning.errors import BadInputError, CheckpointError, DamagedDumpError, DiskSpaceError, UnsafeCheckpoint
 from dime_lightning.resources import require_free_space
 from dime_lightning.run_lock import RunLock
@@ -255,7 +254,7 @@ def _stored_config(folder: Path) -> dict[str, Any]:
     """The config stored in the newest readable checkpoint of ``folder`` (empty when none is readable)."""
     for path in folder_checkpoints(folder):
         try:
-            return schema.config(read_checkpoint(path))
+            return schema.config(schema.read_checkpoint(path))
         except UnsafeCheckpoint:
             raise
         except CheckpointError:
@@ -358,7 +357,7 @@ def open_for_resume(found: ResolvedCheckpoint, data_key: str) -> tuple[Path, dic
     damaged = []
     for path in candidates:
         try:
-            checkpoint = read_checkpoint(path)
+            checkpoint = schema.read_checkpoint(path)
             dump = check_buffer_beside(checkpoint, path, data_key)
         except UnsafeCheckpoint:
             raise

@@ -35,6 +35,19 @@ def resolve_config_path(path: str) -> str:
     return str(packaged) if packaged.is_file() and CONF_DIR in packaged.resolve().parents else path
 
 
+def config_files(argv: list[str]) -> list[str]:
+    """The ``--config`` files of ``argv`` in order (``--config X``, ``-c X`` and ``--config=X`` forms).
+
+    argv: command-line arguments."""
+    files = []
+    for index, arg in enumerate(argv):
+        if arg in ("--config", "-c") and index + 1 < len(argv):
+            files.append(argv[index + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
 def resolve_config_args(argv: list[str]) -> list[str]:
     """``argv`` with every ``--config`` value passed through ``resolve_config_path``.
 
@@ -77,11 +90,8 @@ def check_moved_keys(argv: list[str]) -> None:
     found = [arg.split("=", 1)[0][2:] + " (on the command line)" for arg in argv
              if arg.startswith("--model.") and arg.split("=", 1)[0][len("--model."):] in OLD_NAMES]
     seen: set[Path] = set()
-    for index, arg in enumerate(argv):
-        if arg in ("--config", "-c") and index + 1 < len(argv):
-            found += _moved_in_file(Path(argv[index + 1]).resolve(), seen)
-        elif arg.startswith("--config="):
-            found += _moved_in_file(Path(arg.split("=", 1)[1]).resolve(), seen)
+    for path in config_files(argv):
+        found += _moved_in_file(Path(path).resolve(), seen)
     if found:
         moves = "; ".join(f"{where} is now {GROUP}.{OLD_NAMES[where.split(' ')[0][len('model.'):]]}"
                           for where in found)

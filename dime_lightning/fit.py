@@ -31,7 +31,7 @@ from dime_lightning.checkpointing import (
     resolve_checkpoint,
 )
 from dime_lightning.compat import datamodule_checkpoint_key
-from dime_lightning.configs import check_moved_keys, resolve_config_args
+from dime_lightning.configs import check_moved_keys, config_files, resolve_config_args
 from dime_lightning.data import ReplayDataModule
 from dime_lightning.distributed import resolve_strategy
 from dime_lightning.errors import (
@@ -97,18 +97,13 @@ class MLflowSettings:
         return resolve_tracking_uri(self.tracking_uri)
 
 
-def _config_files(argv: list[str]) -> list[str]:
-    files = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
-    return files + [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
-
-
 class DIMECLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse as LightningCLI does; on a parse error, also name the config file that causes it (or the value
         that is not a finite float)."""
         argv = list(args) if isinstance(args, list | tuple) else sys.argv[1:]
         check_moved_keys(argv)  # an old key is named with its new one, not as an unknown key
-        for path in _config_files(argv):  # before jsonargparse reads them: its decode error names no file
+        for path in config_files(argv):  # before jsonargparse reads them: its decode error names no file
             try:
                 Path(path).read_bytes().decode("utf-8")
             except UnicodeDecodeError as err:
@@ -133,7 +128,7 @@ class DIMECLI(LightningCLI):
         """The first --config file that fails to parse on its own (over the defaults), if any."""
         parser.exit_on_error = False
         try:
-            for path in _config_files(argv):
+            for path in config_files(argv):
                 try:
                     parser.parse_args(["--config", path])
                 except Exception:  # any parse failure points at this file

@@ -195,7 +195,6 @@ class DIMEModule(pl.LightningModule):
         # Training length is data.total_env_steps, not Lightning epochs: forget that the one "epoch" of a
         # finished run was complete, so that resuming its final checkpoint with a larger total trains on.
         reopen_finished_fit(checkpoint)
-        schema.upgrade(checkpoint)  # a layout-1 checkpoint (checkpoint_schema) loads as this layout
         counters = schema.counters(checkpoint)
         self.env_steps = self._checked_at = counters.env_steps
         self.updater.load_counters(counters)

@@ -46,9 +46,9 @@ from jsonargparse import ArgumentParser, Namespace
 
 from dime_lightning import compare, reference, slurm
 from dime_lightning.checkpointing import folder_checkpoints
-from dime_lightning.configs import CONF_DIR, resolve_config_path
+from dime_lightning.configs import CONF_DIR, check_moved_keys, resolve_config_path
 from dime_lightning.envs import EnvIdError, check_env_id
-from dime_lightning.errors import ReproduceError
+from dime_lightning.errors import BadInputError, ReproduceError
 from dime_lightning.runs import resolve_tracking_uri
 from dime_lightning.small_cli import make_parser, parse
 
@@ -317,9 +317,12 @@ def main(argv: list[str] | None = None) -> int:
         tasks = resolve_tasks(args.tasks)
         check_tasks(tasks, source)
         options = _check_slurm(args, uri) if args.launcher == "slurm" and not (args.dry_run or args.status) else None
+        for task in tasks:  # a moved key in an overlay or the fit arguments: named before any run starts
+            check_moved_keys(fit_command(task, args.first_seed, args.overlay, args.experiment, uri, args.workdir,
+                                         extra))
         if args.wait and args.launcher != "slurm":
             raise ReproduceError("--wait is for --launcher slurm (the local launcher always waits)")
-    except (ReproduceError, slurm.SlurmError) as err:
+    except (BadInputError, slurm.SlurmError) as err:
         sys.stderr.write(f"dime_lightning.reproduce: error: {err}\n")
         return 2
     runs = [(task, seed, f"{task.name}-seed{seed}") for task in tasks

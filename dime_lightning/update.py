@@ -35,18 +35,21 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from tensordict import TensorDict
 from torch import nn
 
-from dime_lightning.checkpoint_schema import Counters
 from dime_lightning.errors import BadInputError, NonFiniteError
 from dime_lightning.losses import actor_loss, critic_loss, temperature_loss
 from dime_lightning.optim import adam, gradient_norm, zero_nan_and_clip_gradients_
 from dime_lightning.schedule import UpdateSchedule
 from dime_lightning.temperature import Temperature
 from dime_lightning.update_settings import UpdateSettings
+
+if TYPE_CHECKING:  # the updater knows no checkpoint: the module hands it the counters it read
+    from dime_lightning.checkpoint_schema import Counters
 
 NONFINITE_SLOTS = ("loss_critic", "loss_actor", "loss_alpha")
 

@@ -58,26 +58,31 @@ class UpdateSettings:
     compile: CompileMode = "none"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "betas", tuple(self.betas))  # a YAML list or a checkpoint's list
-        problems = [
-            ("gamma", "a float in [0, 1]", 0.0 <= self.gamma <= 1.0),
-            ("utd", "an int >= 1", _is_int(self.utd) and self.utd >= 1),
-            ("policy_delay", "an int >= 1", _is_int(self.policy_delay) and self.policy_delay >= 1),
-            ("policy_tau", "a float in (0, 1]", 0.0 < self.policy_tau <= 1.0),
-            ("actor_lr", "a finite float > 0", _positive(self.actor_lr)),
-            ("critic_lr", "a finite float > 0", _positive(self.critic_lr)),
+        if isinstance(self.betas, list | tuple):
+            object.__setattr__(self, "betas", tuple(self.betas))  # a YAML list or a checkpoint's list
+        checks = [
+            ("gamma", "a float in [0, 1]", lambda: 0.0 <= self.gamma <= 1.0),
+            ("utd", "an int >= 1", lambda: _is_int(self.utd) and self.utd >= 1),
+            ("policy_delay", "an int >= 1", lambda: _is_int(self.policy_delay) and self.policy_delay >= 1),
+            ("policy_tau", "a float in (0, 1]", lambda: 0.0 < self.policy_tau <= 1.0),
+            ("actor_lr", "a finite float > 0", lambda: _positive(self.actor_lr)),
+            ("critic_lr", "a finite float > 0", lambda: _positive(self.critic_lr)),
             ("betas", "two floats in [0, 1) (Adam's β1, β2)",
-             len(self.betas) == 2 and all(0.0 <= beta < 1.0 for beta in self.betas)),
-            ("actor_grad_clip", "a finite float > 0", _positive(self.actor_grad_clip)),
+             lambda: len(self.betas) == 2 and all(0.0 <= beta < 1.0 for beta in self.betas)),
+            ("actor_grad_clip", "a finite float > 0", lambda: _positive(self.actor_grad_clip)),
             ("critic_entropy_coef", "a finite float >= 0",
-             math.isfinite(self.critic_entropy_coef) and self.critic_entropy_coef >= 0),
-            ("nonfinite", "'stop' or 'skip'", self.nonfinite in ("stop", "skip")),
-            ("compile", f"one of {', '.join(map(repr, COMPILE_MODES))}", self.compile in COMPILE_MODES),
+             lambda: math.isfinite(self.critic_entropy_coef) and self.critic_entropy_coef >= 0),
+            ("check_finite", "true or false", lambda: isinstance(self.check_finite, bool)),
+            ("nonfinite", "'stop' or 'skip'", lambda: self.nonfinite in ("stop", "skip")),
+            ("compile", f"one of {', '.join(map(repr, COMPILE_MODES))}", lambda: self.compile in COMPILE_MODES),
         ]
-        for name, allowed, ok in problems:
-            if not ok:
-                value = list(self.betas) if name == "betas" else getattr(self, name)
-                raise BadInputError(f"{GROUP}.{name} must be {allowed}, got {value!r}")
+        for name, allowed, ok in checks:
+            try:
+                valid = ok()
+            except TypeError:  # a value of another type (a checkpoint's or a mapping's)
+                valid = False
+            if not valid:
+                raise BadInputError(f"{GROUP}.{name} must be {allowed}, got {getattr(self, name)!r}")
 
     @classmethod
     def of(cls, value: UpdateSettings | Mapping[str, Any] | None) -> UpdateSettings:

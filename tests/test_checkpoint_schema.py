@@ -11,6 +11,7 @@ import torch
 from fit_runs import CONF, run_fit
 
 from dime_lightning import checkpoint_schema as schema
+from dime_lightning import reproduce
 from dime_lightning.analysis import load_policy
 from dime_lightning.errors import EXIT_BAD_INPUT, BadInputError, CheckpointError
 from dime_lightning.fit import build_cli
@@ -25,11 +26,13 @@ def test_the_settings_are_checked_once_with_their_config_key():
     assert UpdateSettings() == UpdateSettings.of(None) == UpdateSettings.of(UpdateSettings().as_dict())
     cases = {"gamma": 1.5, "utd": 0, "policy_delay": 0, "policy_tau": 0.0, "actor_lr": -1.0, "critic_lr": float("inf"),
              "betas": (0.5, 1.0), "actor_grad_clip": 0.0, "critic_entropy_coef": -0.1, "nonfinite": "ignore",
-             "compile": "fast"}
-    assert set(cases) | {"check_finite"} == set(NAMES)
+             "compile": "fast", "check_finite": "yes"}
+    assert set(cases) == set(NAMES)
     for name, value in cases.items():
         with pytest.raises(BadInputError, match=f"model.update.{name} must be"):
             UpdateSettings(**{name: value})
+    with pytest.raises(BadInputError, match=r"model\.update\.gamma must be a float in"):
+        UpdateSettings.of({"gamma": "x"})  # a value of another type: the same error, not a TypeError
     with pytest.raises(BadInputError, match=r"unknown setting\(s\) \['lr'\]"):
         UpdateSettings.of({"lr": 1e-3})
     assert UpdateSettings(betas=[0.9, 0.99]).as_dict()["betas"] == [0.9, 0.99]  # plain data, a tuple inside
@@ -101,3 +104,10 @@ def test_a_layout1_checkpoint_resumes_and_is_written_back_in_the_current_layout(
     assert raw[schema.LAYOUT_KEY] == schema.LAYOUT and raw[schema.HPARAMS_KEY]["update"]["utd"] == 2
     assert "env_steps" not in raw["ReplayDataModule"]  # the env steps are kept once, in the counters
     assert raw["ReplayDataModule"]["local_steps"] == 120
+
+
+def test_reproduce_names_an_old_key_before_any_run_starts(tmp_path, capsys):
+    assert reproduce.main(["--tasks", "pendulum", "--seeds", "1", "--dry_run", "--reference", "none",
+                           "--workdir", str(tmp_path / "runs"), "--", "--model.utd", "3"]) == EXIT_BAD_INPUT
+    assert "model.utd (on the command line) is now model.update.utd" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

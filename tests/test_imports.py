@@ -34,3 +34,13 @@ def test_the_import_graph_has_no_cycle():
         raise AssertionError(f"import cycle: {err.args[1]}") from None
     assert order.index("errors") < order.index("update_settings") < order.index("update") < order.index("module")
     assert order.index("checkpoint_schema") < order.index("checkpointing") < order.index("fit")
+
+
+def test_no_test_module_imports_another():
+    tests = Path(__file__).resolve().parent
+    for path in tests.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [
+                alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            assert not any(name.startswith("test_") for name in names), (
+                f"{path.name} imports {names}: shared helpers go in fit_runs.py, tiny_networks.py or conftest.py")
