@@ -62,8 +62,9 @@ def resolve_config_args(argv: list[str]) -> list[str]:
 
 
 
-def _moved_in_file(path: Path, seen: set[Path]) -> list[str]:
-    """Old update-setting keys under ``model`` in the config file ``path`` and the files it includes."""
+def _moved_in_file(path: Path, seen: set[Path]) -> list[tuple[str, str]]:
+    """(old key, where) of the old update-setting keys under ``model`` in the config file ``path`` and the files
+    it includes."""
     if path in seen or not path.is_file():
         return []
     seen.add(path)
@@ -74,7 +75,7 @@ def _moved_in_file(path: Path, seen: set[Path]) -> list[str]:
     if not isinstance(content, dict):
         return []
     model = content.get("model")
-    found = [f"model.{key} (in {path})" for key in (model if isinstance(model, dict) else {}) if key in OLD_NAMES]
+    found = [(key, f"in {path}") for key in (model if isinstance(model, dict) else {}) if key in OLD_NAMES]
     includes = content.get("config")
     for include in includes if isinstance(includes, list) else [includes] if includes else []:
         if isinstance(include, str):
@@ -87,12 +88,11 @@ def check_moved_keys(argv: list[str]) -> None:
     command line and in ``--config`` files (and the files they include), naming each with its new key.
 
     argv: command-line arguments, config paths already resolved."""
-    found = [arg.split("=", 1)[0][2:] + " (on the command line)" for arg in argv
-             if arg.startswith("--model.") and arg.split("=", 1)[0][len("--model."):] in OLD_NAMES]
+    flags = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--model.")]
+    found = [(flag[len("--model."):], "on the command line") for flag in flags if flag[len("--model."):] in OLD_NAMES]
     seen: set[Path] = set()
     for path in config_files(argv):
         found += _moved_in_file(Path(path).resolve(), seen)
     if found:
-        moves = "; ".join(f"{where} is now {GROUP}.{OLD_NAMES[where.split(' ')[0][len('model.'):]]}"
-                          for where in found)
+        moves = "; ".join(f"model.{old} ({where}) is now {GROUP}.{OLD_NAMES[old]}" for old, where in found)
         raise BadInputError(f"the update settings moved into the group {GROUP}: {moves}")

@@ -188,8 +188,7 @@ class DIMEModule(pl.LightningModule):
     # ---- checkpointed counters ------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_nonfinite()  # "whole": never write a checkpoint after an unchecked non-finite update
-        schema.write_counters(checkpoint, schema.Counters(self.env_steps, self.critic_updates, self.actor_updates,
-                                                          self.skipped_updates))
+        schema.write_counters(checkpoint, schema.Counters(self.env_steps, **self.updater.counters()))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Training length is data.total_env_steps, not Lightning epochs: forget that the one "epoch" of a
