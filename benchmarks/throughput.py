@@ -17,12 +17,14 @@
 - ``dispatch``: the launch-bound regime, on a CPU: the real fit loop at tiny sizes (1 diffusion step, width 8,
   batch 8), where a learning step costs almost only per-op dispatch; env steps/s in the random warm-up and in
   the learning phase, per compile mode (``--compile none whole``).
-- ``speed`` (``--device cuda`` for the GPU numbers; runs on CPU too): per config (Ant-v5 shapes, CPU size and
-  paper size) and per compile mode (``--compile none default reduce-overhead whole``): ms of updates per env
-  step (2 critic updates, 2/3 of an actor + temperature update), per critic update and per actor +
+- ``speed`` (``--device cuda`` for the GPU numbers; runs on CPU too): per size (``--sizes``: Ant-v5 shapes at
+  CPU size and paper size; ``dispatch``: the JAX anchor's tiny size, Pendulum shapes, widths 8, batch 8, one
+  diffusion step) and per compile mode (``--compile none default reduce-overhead whole``): ms of updates per
+  env step (2 critic updates, 2/3 of an actor + temperature update), per critic update and per actor +
   temperature update (not for "whole", which compiles the env step, not its parts), per action at batch 1
   and 256, and per learning step (the updates and one action at batch 1 fetched to the host), timed with
-  device synchronisation.
+  device synchronisation; also the seconds of the first 3 env steps (compilation included) and the number of
+  graphs Dynamo compiled for them (for "whole": one per schedule variant, 3 at utd 2 / delay 3).
 
     python benchmarks/throughput.py --only speed --device cuda
 """
@@ -52,7 +54,11 @@ from dime_lightning.update import DIMEUpdater, maybe_compile
 from dime_lightning.update_settings import UpdateSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {"Ant-v5": (105, 8), "Humanoid-v5": (348, 17)}
+SHAPES = {"Ant-v5": (105, 8), "Humanoid-v5": (348, 17), "Pendulum-v1": (3, 1)}
+# speed sizes: env shapes, critic width, actor width (and time features), batch, diffusion steps
+SPEED_SIZES = {"cpu": ("cpu_size_critic256", "Ant-v5", 256, 256, 256, 16),
+               "paper": ("paper_size_critic2048", "Ant-v5", 2048, 256, 256, 16),
+               "dispatch": ("dispatch_size_width8", "Pendulum-v1", 8, 8, 8, 1)}
 
 
 def random_batch(obs_dim: int, action_dim: int, batch: int) -> TensorDict:
@@ -199,12 +205,14 @@ def _timed_ms(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times) * 1e3
 
 
-def speed(device: torch.device, mode: str, width: int, hidden: int, repeats: int, batch: int = 256) -> dict:
-    """ms per update / action / learning step at Ant-v5 shapes for one compile mode (the module's update code:
+def speed(device: torch.device, mode: str, width: int, hidden: int, repeats: int, batch: int = 256,
+          env: str = "Ant-v5", diffusion_steps: int = 16) -> dict:
+    """ms per update / action / learning step at ``env``'s shapes for one compile mode (the module's update code:
     the same loss functions, fused Adam on CUDA, no host sync: check_finite off as for captured updates)."""
-    obs_dim, action_dim = SHAPES["Ant-v5"]
+    obs_dim, action_dim = SHAPES[env]
     torch.manual_seed(0)
-    actor = DiffusionActor(obs_dim, action_dim, hidden_dim=hidden).to(device)
+    actor = DiffusionActor(obs_dim, action_dim, num_steps=diffusion_steps, hidden_dim=hidden, time_features=hidden,
+                           time_hidden_dim=hidden).to(device)
     critic = DistributionalCritic(obs_dim, action_dim, hidden_dims=(width, width)).to(device)
     update = updater(actor, critic, Temperature(action_dim).to(device), mode, fused=device.type == "cuda")
     sample = random_batch(obs_dim, action_dim, batch).to(device)
@@ -223,6 +231,13 @@ def speed(device: torch.device, mode: str, width: int, hidden: int, repeats: int
             update(samples)
             act1(obs1).cpu()
 
+    torch._dynamo.reset()
+    start = time.perf_counter()
+    updates()  # the first 3 env steps: every schedule variant compiled (and captured on CUDA)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    first = {"first_3_env_steps_s": time.perf_counter() - start,
+             "update_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
     result = {"updates_per_env_step_ms": _timed_ms(updates, max(repeats // 3, 1), device) / 3,
               "act_batch1_ms": _timed_ms(lambda: act1(obs1), repeats, device),
               "act_batch256_ms": _timed_ms(lambda: act256(obs256), repeats, device),
@@ -231,7 +246,7 @@ def speed(device: torch.device, mode: str, width: int, hidden: int, repeats: int
         result["critic_update_ms"] = _timed_ms(lambda: update.critic_update(sample), repeats, device)
         result["actor_temperature_update_ms"] = _timed_ms(lambda: update.actor_update(sample), repeats, device)
     result["env_steps_per_s_update_bound"] = 1e3 / result["learning_step_ms"]
-    return result
+    return {**result, **first}
 
 
 MEMORY_CHILD = """
@@ -273,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=["overhead", "update", "act", "memory", "speed", "dispatch"],
                         default=["overhead", "update", "act", "memory", "speed", "dispatch"])
-    parser.add_argument("--sizes", nargs="+", choices=["cpu", "paper"], default=["cpu", "paper"],
+    parser.add_argument("--sizes", nargs="+", choices=list(SPEED_SIZES), default=["cpu", "paper"],
                         help="configs of the speed section: CPU size (critic 256) and paper size (critic 2048)")
     parser.add_argument("--device", default="cpu", help="device of the speed section (cpu, cuda)")
     parser.add_argument("--compile", nargs="+", default=None, choices=["none", "default", "reduce-overhead", "whole"],
@@ -320,14 +335,14 @@ def main(argv: list[str] | None = None) -> int:
     if "speed" in args.only:
         device = torch.device(args.device)
         modes = args.compile or (["none", "default", "reduce-overhead", "whole"] if device.type == "cuda" else ["none"])
-        configs = {"cpu": ("cpu_size_critic256", 32 if args.tiny else 256),
-                   "paper": ("paper_size_critic2048", 64 if args.tiny else 2048)}
-        hidden = 16 if args.tiny else 256
         results["speed"] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-        for name, width in (configs[size] for size in args.sizes):
+        for size in args.sizes:
+            name, env, width, hidden, batch, steps = SPEED_SIZES[size]
+            if args.tiny:  # the script only
+                width, hidden, steps = min(width, 32), min(hidden, 16), min(steps, 2)
             for mode in modes:
                 repeats = 2 if args.tiny else args.repeats or (30 if device.type == "cuda" else 5)
-                results["speed"][f"{name}/{mode}"] = speed(device, mode, width, hidden, repeats)
+                results["speed"][f"{name}/{mode}"] = speed(device, mode, width, hidden, repeats, batch, env, steps)
                 print("speed", name, mode, json.dumps(results["speed"][f"{name}/{mode}"]), flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(results, indent=1))  # what is done survives a time limit

@@ -11,6 +11,8 @@ Batches follow TorchRL's layout: ``observation``, ``action`` and ``("next", "obs
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from tensordict import TensorDict
 from torch import nn
@@ -99,15 +101,17 @@ def critic_loss(
 
 
 def actor_loss(
-    actor: nn.Module, critic: DistributionalCritic, obs: torch.Tensor, alpha: torch.Tensor
+    actor: nn.Module, critic: DistributionalCritic, obs: torch.Tensor, alpha: torch.Tensor, freeze_critic: bool = True
 ) -> TensorDict:
     """L_π = mean_b[−Q̄(s, a) + α log π̂(a|s)], a ~ π_θ(·|s) reparameterised (docs/algorithm.md §1.7).
 
     Q̄ is the mean over critics of Σ_j p_j z_j, with the critic frozen (running statistics, detached
     parameters): gradients reach the actor only. ``running_cost`` (detached mean) feeds the temperature.
+    ``freeze_critic=False``: the caller has put the critic in eval mode and differentiates with respect to the
+    actor's parameters only (program.py's one-program step).
     """
     out = actor(obs)
-    with critic.frozen():
+    with critic.frozen() if freeze_critic else contextlib.nullcontext():
         q = critic.q_values(full_precision(critic(obs, out.action))).mean(0)  # (C, B) -> (B,)
     loss = (-q + alpha * out.log_prob).mean()
     return TensorDict(

@@ -15,13 +15,15 @@ The settings (discount, schedule, learning rates, clipping, non-finite handling,
 - ``"none"``: eager PyTorch (the default).
 - ``"default"`` / ``"reduce-overhead"``: the two loss functions through ``torch.compile`` (with CUDA graphs for
   ``reduce-overhead``); backward passes, clipping and optimizer steps run eagerly between them.
-- ``"whole"``: the *whole* env step — every forward, backward, clipping and optimizer step of critic, actor
-  and temperature — is one function compiled once per schedule phase (the actor-due pattern of the env step:
-  at utd 2 / delay 3 the phases repeat every 3 env steps, so 3 variants), and on CUDA each variant is replayed
-  as one CUDA graph (tensordict's ``CudaGraphModule``). Nothing in it reads a tensor back to the host: the
-  non-finite check is a device-side count that ``check_nonfinite()`` reads (one sync) at the caller's cadence.
-  With ``nonfinite="skip"`` a step whose loss is non-finite is undone in place (parameters and optimizer state
-  restored with ``torch.where``), so the schedule stays static; skipped steps still count as updates.
+- ``"whole"``: the *whole* env step — every forward, gradient, clipping and optimizer step of critic, actor
+  and temperature — runs as two programs (program.py: ``torch.func`` gradients, Adam as tensor ops): the
+  critic update, and the actor update with the temperature update and target refresh. Each is compiled into a
+  single graph (``fullgraph=True``: no graph break) and on CUDA replayed as one CUDA graph (tensordict's
+  ``CudaGraphModule``); an env step calls them ``utd`` times and when the actor is due. Nothing in them reads a
+  tensor back to the host: the non-finite check is a device-side count that ``check_nonfinite()`` reads (one
+  sync) at the caller's cadence. With ``nonfinite="skip"`` a step whose loss is non-finite changes nothing
+  (parameters, optimizer state and batch-renorm statistics kept with ``torch.where``); skipped steps still
+  count as updates.
 
 Trainer hooks for the eager and compiled-loss modes (all optional; the defaults are plain PyTorch):
 ``backward(loss)`` and ``optimizer_step(optimizer)`` (Lightning's ``manual_backward`` and its optimizer
@@ -33,7 +35,6 @@ of them: it runs in one process.
 from __future__ import annotations
 
 import copy
-import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,7 @@ from torch import nn
 from dime_lightning.errors import BadInputError, NonFiniteError
 from dime_lightning.losses import actor_loss, critic_loss, temperature_loss
 from dime_lightning.optim import adam, gradient_norm, zero_nan_and_clip_gradients_
+from dime_lightning.program import StepProgram
 from dime_lightning.schedule import UpdateSchedule
 from dime_lightning.temperature import Temperature
 from dime_lightning.update_settings import UpdateSettings
@@ -67,16 +69,6 @@ def mark_compiled_step() -> None:
 
 def _plain_step(optimizer: torch.optim.Optimizer) -> None:
     optimizer.step()
-
-
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """Every tensor an optimizer step writes: the parameters and their state (moments, step counts)."""
-    tensors = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            tensors.append(p.data)
-            tensors += [v for v in optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
-    return tensors
 
 
 class DIMEUpdater:
@@ -112,59 +104,57 @@ class DIMEUpdater:
         whole = compile == "whole"
         self.critic_loss = critic_loss if whole else maybe_compile(critic_loss, compile)
         self.actor_loss = actor_loss if whole else maybe_compile(actor_loss, compile)
-        # compiled: batch-renorm statistics are applied after the critic's backward (critic.BatchRenorm explains)
-        self.commit_statistics = getattr(critic, "commit_statistics_", None) if compile != "none" else None
-        if self.commit_statistics is not None:
+        # compiled: batch-renorm statistics are applied after the critic's backward (critic.BatchRenorm explains);
+        # "whole"'s program applies them itself (program.py)
+        deferred = compile != "none" and hasattr(critic, "defer_statistics_")
+        if deferred:
             critic.defer_statistics_(True)
-        self._undo_nonfinite = compile == "whole" and settings.check_finite and settings.nonfinite == "skip"
+        self.commit_statistics = critic.commit_statistics_ if deferred and not whole else None
         self.critic_updates = self.actor_updates = self.skipped_updates = 0
         self.optimizers: list[torch.optim.Optimizer] = []
         self._nonfinite: torch.Tensor | None = None  # "whole": non-finite losses per slot since the last check
         self._skipped: torch.Tensor | None = None  # "whole" + "skip": steps undone since the last check
-        self._variants: dict[tuple[bool, ...], Callable[[TensorDict], TensorDict]] = {}
+        self._program: StepProgram | None = None  # "whole": built at the first env step, on the optimizers' state
+        self._compiled: dict[str, Callable[[TensorDict], TensorDict]] = {}  # "whole": its two programs, compiled
 
     # ---- optimizers ---------------------------------------------------------------------------------------
     def build_optimizers(self, fused: bool = False) -> list[torch.optim.Optimizer]:
         """Critic and actor Adam (paper lr and betas), and Adam on log α unless α is fixed; in that order.
 
-        ``fused`` (CUDA) updates each part in one kernel. In "whole" mode the step counts live on the device
-        (fused on the CPU, capturable on CUDA) so that no optimizer step reads a number back to the host.
+        ``fused`` (CUDA) updates each part in one kernel in the eager modes. "whole" never calls ``step()``: its
+        program applies Adam to these optimizers' state tensors (program.py), which are checkpointed as usual.
         """
         device = self.temperature.log_alpha.device
-        whole = self.mode == "whole"
-        options = {"capturable": True} if whole and device.type == "cuda" else {}
-        fused = fused or (whole and device.type == "cpu")
+        fused = fused and self.mode != "whole"
         s = self.settings
-        self.critic_opt = adam(self.critic.parameters(), s.critic_lr, s.betas, fused, **options)
-        self.actor_opt = adam(self.actor.parameters(), s.actor_lr, s.betas, fused, **options)
+        self.critic_opt = adam(self.critic.parameters(), s.critic_lr, s.betas, fused)
+        self.actor_opt = adam(self.actor.parameters(), s.actor_lr, s.betas, fused)
         self.alpha_opt = None
         if self.temperature.log_alpha.requires_grad:  # fixed α has nothing to optimise
             self.alpha_opt = torch.optim.Adam([self.temperature.log_alpha], lr=self.temperature.lr,
-                                              fused=fused or None, **options)
+                                              fused=fused or None)
         self.optimizers = [self.critic_opt, self.actor_opt] + ([self.alpha_opt] if self.alpha_opt else [])
         self._nonfinite = torch.zeros(len(NONFINITE_SLOTS), device=device)
         self._skipped = torch.zeros((), device=device)
-        self._variants.clear()
+        self._program = None
+        self._compiled.clear()
         return self.optimizers
 
     def align_loaded_optimizers(self) -> None:
-        """After optimizer states were loaded from a checkpoint (whose param-group flags win over the ones the
-        optimizers were built with): restore this mode's ``fused`` / ``capturable`` flags and keep the step
-        counts on the parameters' device where they require it, so that a checkpoint of any mode resumes in any
-        other. Call it once the states are restored (the module does, at train start)."""
+        """After optimizer states were loaded from a checkpoint: "whole" keeps the step counts on the parameters'
+        device (its program reads no number back to the host) and rebuilds its program on the loaded state
+        tensors, so that a checkpoint of any mode resumes in any other. Call it once the states are restored (the
+        module does, at train start)."""
         if self.mode != "whole" or not self.optimizers:
             return
-        device = self.temperature.log_alpha.device
-        capturable, fused = device.type == "cuda", device.type == "cpu"
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
-                group["capturable"] = capturable or group.get("capturable", False)
-                group["fused"] = fused or group.get("fused") or None
                 for p in group["params"]:
                     state = optimizer.state.get(p, {})
                     if isinstance(state.get("step"), torch.Tensor):
                         state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
-        self._variants.clear()
+        self._program = None
+        self._compiled.clear()
 
     # ---- one env step -------------------------------------------------------------------------------------
     def __call__(self, sample: TensorDict, diagnostics: bool = False) -> TensorDict:
@@ -192,8 +182,7 @@ class DIMEUpdater:
 
     def critic_update(self, minibatch: TensorDict, diagnostics: bool = True) -> TensorDict | None:
         """One critic update (docs/algorithm.md §2.2); None if skipped for a non-finite loss (eager check)."""
-        if self.mode != "whole":  # "whole" marks the step once, outside its captured graph
-            mark_compiled_step()
+        mark_compiled_step()
         metrics = self.critic_loss(self.critic, self.target_actor or self.actor, minibatch, self.temperature.alpha(),
                                    self.settings.gamma, self.settings.critic_entropy_coef)
         loss = metrics.pop("loss_critic")
@@ -201,21 +190,20 @@ class DIMEUpdater:
             return None
         self.critic_opt.zero_grad()
         self.backward(loss)
-        if self.commit_statistics is not None:  # "whole" + "skip": a non-finite step keeps the old statistics
-            self.commit_statistics(torch.isfinite(loss.detach()) if self._undo_nonfinite else None)
+        if self.commit_statistics is not None:
+            self.commit_statistics()
         metrics["loss_critic"] = loss.detach()
         if self.mode == "reduce-overhead":
             metrics = metrics.clone()  # a replayed CUDA graph reuses its output memory
         if diagnostics:
             metrics["grad_norm_critic"] = gradient_norm(self.critic.parameters())
-        self._optimizer_step(self.critic_opt, loss, 0)
+        self.optimizer_step(self.critic_opt)
         self.after_critic_step()
         return metrics
 
     def actor_update(self, minibatch: TensorDict, diagnostics: bool = True) -> TensorDict | None:
         """Actor (docs/algorithm.md §1.7), temperature (§3) and target refresh; None if skipped (eager check)."""
-        if self.mode != "whole":
-            mark_compiled_step()
+        mark_compiled_step()
         metrics = self.actor_loss(self.actor, self.critic, minibatch["observation"], self.temperature.alpha())
         loss = metrics.pop("loss_actor")
         if self._skip_now("loss_actor", loss):
@@ -228,12 +216,12 @@ class DIMEUpdater:
             metrics = metrics.clone()
         if diagnostics:
             metrics["grad_norm_actor"] = gradient_norm(self.actor.parameters())
-        self._optimizer_step(self.actor_opt, loss, 1)
+        self.optimizer_step(self.actor_opt)
         alpha_metrics = temperature_loss(self.temperature, metrics["running_cost"])
         if self.alpha_opt is not None:
             self.alpha_opt.zero_grad()
             self.backward(alpha_metrics["loss_alpha"])
-            self._optimizer_step(self.alpha_opt, alpha_metrics["loss_alpha"], 2)
+            self.optimizer_step(self.alpha_opt)
         metrics.update(alpha_metrics.detach())
         self.refresh_target_actor()
         return metrics
@@ -251,36 +239,38 @@ class DIMEUpdater:
         """Which of this env step's ``utd`` critic updates are followed by an actor update."""
         return tuple(self.schedule.actor_due(self.critic_updates + i + 1) for i in range(self.schedule.utd))
 
-    def env_step_body(self, sample: TensorDict, pattern: tuple[bool, ...]) -> TensorDict:
-        """The whole env step with a static schedule ``pattern``: what "whole" compiles and captures."""
-        out = TensorDict()
-        for minibatch, actor_due in zip(sample.unbind(0), pattern, strict=True):  # (utd, B) -> utd × (B,)
-            out.update(self.critic_update(minibatch))
-            if actor_due:
-                out.update(self.actor_update(minibatch))
-        return out
+    def program(self) -> StepProgram:
+        """"whole": the env step as one program over the modules and the optimizers' state (program.py)."""
+        if self._program is None:
+            optimizers = {"critic": self.critic_opt, "actor": self.actor_opt, "alpha": self.alpha_opt}
+            self._program = StepProgram(self.actor, self.critic, self.temperature, self.target_actor, optimizers,
+                                        self.settings, self._nonfinite, self._skipped)
+        return self._program
 
     def _whole_step(self, sample: TensorDict) -> TensorDict:
-        pattern = self.phase()
-        variant = self._variants.get(pattern)
-        if variant is None:
-            variant = torch.compile(functools.partial(self.env_step_body, pattern=pattern))
-            if sample.device is not None and sample.device.type == "cuda":
-                from tensordict.nn import CudaGraphModule  # CUDA only; it changes how TensorDicts are flattened
+        if not self._compiled:  # one graph per program: fullgraph fails loudly on any graph break
+            program = self.program()
+            for name, fn in (("critic", program.critic_update), ("actor", program.actor_update)):
+                fn = torch.compile(fn, fullgraph=True)
+                if sample.device is not None and sample.device.type == "cuda":
+                    from tensordict.nn import CudaGraphModule  # CUDA only; it changes how TensorDicts are flattened
 
-                # 3 warm-up calls: the first creates the optimizers' state, the second recompiles for it, so
-                # that nothing recompiles while the graph is captured
-                variant = CudaGraphModule(variant, warmup=3, in_keys=[], out_keys=[])
-            self._variants[pattern] = variant
+                    # 3 warm-up calls (compiled, run eagerly) before the capture: nothing compiles during it
+                    fn = CudaGraphModule(fn, warmup=3, in_keys=[], out_keys=[])
+                self._compiled[name] = fn
         mark_compiled_step()  # for CUDA-graph trees of compiled acting: a new step begins
-        out = variant(sample)
-        self.critic_updates += len(pattern)
-        self.actor_updates += sum(pattern)
+        out = TensorDict()
+        for minibatch, actor_due in zip(sample.unbind(0), self.phase(), strict=True):  # (utd, B) -> utd × (B,)
+            out.update(self._compiled["critic"](minibatch))  # a replayed graph's outputs are kept until its next
+            self.critic_updates += 1                         # replay: only the last of each is returned
+            if actor_due:
+                out.update(self._compiled["actor"](minibatch))
+                self.actor_updates += 1
         return out
 
     def _skip_now(self, name: str, loss: torch.Tensor) -> bool:
         """Eager check (one host sync): stop with a message, or skip this optimizer step and count it."""
-        if not self.settings.check_finite or self.mode == "whole":
+        if not self.settings.check_finite:
             return False
         if self.all_finite(torch.isfinite(loss)):
             return False
@@ -289,25 +279,6 @@ class DIMEUpdater:
             raise NonFiniteError(f"non-finite {name} {value}")
         self.skipped_updates += 1
         return True
-
-    def _optimizer_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, slot: int) -> None:
-        if self.mode != "whole":
-            self.optimizer_step(optimizer)
-            return
-        if not self.settings.check_finite:
-            optimizer.step()
-            return
-        finite = torch.isfinite(loss.detach())
-        self._nonfinite[slot] += (~finite).float()
-        if self.settings.nonfinite == "stop":
-            optimizer.step()  # a non-finite step is stopped on at the next check, before any checkpoint
-            return
-        written = _optimizer_tensors(optimizer)
-        saved = [t.clone() for t in written]
-        optimizer.step()
-        for tensor, old in zip(written, saved, strict=True):
-            tensor.copy_(torch.where(finite, tensor, old))  # undo the step in place: no host sync
-        self._skipped += (~finite).float()
 
     def check_nonfinite(self, where: str) -> None:
         """"whole" mode: read the device-side counts (one host sync). Non-finite losses since the last check

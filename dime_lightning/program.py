@@ -1,0 +1,190 @@
+"""One env step of updates as one traceable program: what update.py's "whole" mode compiles (docs/algorithm.md §4).
+
+The same updates as the eager path (critic, then actor, temperature and target refresh when due), written so that
+Dynamo traces the env step into a single graph (``torch.compile(..., fullgraph=True)``), with no backward pass
+and no optimizer call between graphs:
+
+- gradients: ``torch.func.grad_and_value`` of each loss with respect to its own parameters only (every other
+  tensor enters as a constant, so no gradient can reach another part);
+- Adam: ``adam_``, torch.optim.Adam's update (no weight decay, no amsgrad) as the tensor ops it is, on the
+  optimizers' own state tensors, so checkpoints are those of the eager modes;
+- batch renorm: each critic loss writes its new statistics to fresh tensors returned by the gradient transform,
+  applied after the step (only where the loss is finite with ``nonfinite="skip"``);
+- non-finite losses: counted on the device; with ``"skip"`` a non-finite step leaves parameters, optimizer
+  state and statistics unchanged (``torch.where``), so the schedule stays static and nothing is read back.
+"""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDict
+from torch import nn
+from torch.func import functional_call, grad_and_value
+
+from dime_lightning.losses import actor_loss, critic_loss, temperature_loss
+from dime_lightning.temperature import Temperature
+from dime_lightning.update_settings import UpdateSettings
+
+PENDING = "pending_"  # critic.BatchRenorm's buffers for the statistics of the last train-mode forward
+
+
+class _Parts(nn.Module):
+    """Actor, critic, temperature (and target actor) under one module, so that one ``functional_call`` swaps
+    any of their parameters for the duration of a loss; ``forward`` dispatches to the loss named by ``kind``."""
+
+    def __init__(self, actor: nn.Module, critic: nn.Module, temperature: Temperature,
+                 target_actor: nn.Module | None) -> None:
+        super().__init__()
+        self.actor, self.critic, self.temperature, self.target_actor = actor, critic, temperature, target_actor
+
+    def forward(self, kind: str, *args) -> TensorDict:
+        if kind == "critic":
+            minibatch, gamma, entropy_coef = args
+            return critic_loss(self.critic, self.target_actor or self.actor, minibatch, self.temperature.alpha(),
+                               gamma, entropy_coef)
+        if kind == "actor":
+            self.critic.eval()  # running statistics; its parameters are constants here (see _Parts.loss)
+            try:
+                return actor_loss(self.actor, self.critic, args[0], self.temperature.alpha(), freeze_critic=False)
+            finally:
+                self.critic.train()
+        return temperature_loss(self.temperature, args[0])
+
+
+def assign_(target: torch.Tensor, value: torch.Tensor) -> None:
+    """``target`` ← ``value`` in place. A 0-d tensor is written through a 1-element view: the compiler of torch
+    2.13 drops in-place writes to 0-d float64 CPU inputs of a compiled graph (``dt_param``, ``log_alpha`` and
+    their Adam moments in the float64 tests; float32 and int64 are written), while writes through a view land."""
+    (target.view(1) if target.dim() == 0 else target).copy_(value)
+
+
+def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict], group: dict,
+          keep: torch.Tensor | None = None) -> None:
+    """In place: torch.optim.Adam's step (``group``'s lr, betas, eps; no weight decay, no amsgrad) on ``params``
+    and their ``states`` ("step", "exp_avg", "exp_avg_sq"). The bias corrections are computed in float64 from
+    the step count, as the eager optimizer does with Python floats. ``keep`` (0-d bool): where false, nothing
+    changes (a skipped non-finite step)."""
+    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+    for param, grad, state in zip(params, grads, states, strict=True):
+        step = state["step"] + 1
+        exp_avg = state["exp_avg"].lerp(grad, 1 - beta1)
+        exp_avg_sq = state["exp_avg_sq"] * beta2 + (1 - beta2) * grad * grad
+        count = step.to(torch.float64)
+        bias_correction1 = 1 - torch.pow(beta1, count)
+        bias_correction2 = 1 - torch.pow(beta2, count)
+        denom = exp_avg_sq.sqrt() / bias_correction2.sqrt() + eps
+        new = (param - (lr / bias_correction1) * exp_avg / denom).to(param.dtype)
+        for tensor, value in ((param, new), (state["step"], step), (state["exp_avg"], exp_avg),
+                              (state["exp_avg_sq"], exp_avg_sq)):
+            assign_(tensor, value if keep is None else torch.where(keep, value, tensor))
+
+
+def ensure_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the state torch.optim.Adam makes on its first step (zeros), with the step count on the parameter's
+    device, for every parameter that has none yet (a fresh run); loaded states are left as they are."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not optimizer.state.get(p):
+                optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                                      "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                      "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+
+class StepProgram:
+    """The env step's updates for a static schedule ``pattern``, as one function of the sample (and of the modules'
+    and optimizers' tensors, which it updates in place). ``nonfinite`` (3,) and ``skipped`` () are the updater's
+    device-side counters."""
+
+    def __init__(self, actor: nn.Module, critic: nn.Module, temperature: Temperature, target_actor: nn.Module | None,
+                 optimizers: dict[str, torch.optim.Optimizer | None], settings: UpdateSettings,
+                 nonfinite: torch.Tensor, skipped: torch.Tensor) -> None:
+        self.parts = _Parts(actor, critic, temperature, target_actor)
+        self.settings, self.nonfinite, self.skipped = settings, nonfinite, skipped
+        names = {id(p): name for name, p in self.parts.named_parameters()}
+        self.groups = {}  # part -> (parameter names, parameters, optimizer states, hyperparameters)
+        for part, optimizer in optimizers.items():
+            if optimizer is None:
+                continue
+            ensure_adam_state(optimizer)
+            (group,) = optimizer.param_groups
+            params = list(group["params"])
+            self.groups[part] = ([names[id(p)] for p in params], params, [optimizer.state[p] for p in params], group)
+
+    def loss(self, part: str, kind: str, *args) -> tuple[dict[str, torch.Tensor], TensorDict, dict]:
+        """Gradients of loss ``kind`` with respect to ``part``'s trainable parameters only; returns (gradients by
+        name, the loss's TensorDict with its named loss detached, the new batch-renorm statistics by name)."""
+        names = self.groups[part][0]
+        constants = {name: p.detach() for name, p in self.parts.named_parameters()}
+        buffers = dict(self.parts.named_buffers())
+
+        def objective(trainable: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[TensorDict, dict]]:
+            pending = {name: torch.empty_like(b) for name, b in buffers.items() if name.rpartition(".")[2].startswith(
+                PENDING)}  # created inside the transform: the train-mode critic forward writes them
+            out = functional_call(self.parts, {**constants, **buffers, **pending, **trainable}, (kind, *args))
+            loss = out[f"loss_{kind}"]
+            return loss, (out.exclude(f"loss_{kind}").set(f"loss_{kind}", loss.detach()), pending)
+
+        grads, (_, (out, pending)) = grad_and_value(objective, has_aux=True)({name: constants[name] for name in names})
+        return grads, out, pending
+
+    def step(self, part: str, grads: dict[str, torch.Tensor], loss: torch.Tensor, slot: int) -> torch.Tensor | None:
+        """Adam on ``part``; counts a non-finite ``loss`` and, with "skip", leaves everything unchanged for it.
+        Returns the finite flag where steps are undone (None otherwise)."""
+        names, params, states, group = self.groups[part]
+        keep = None
+        if self.settings.check_finite:
+            finite = torch.isfinite(loss)
+            assign_(self.nonfinite[slot], self.nonfinite[slot] + (~finite).to(self.nonfinite.dtype))
+            if self.settings.nonfinite == "skip":
+                keep = finite
+                assign_(self.skipped, self.skipped + (~finite).to(self.skipped.dtype))
+        with torch.no_grad():
+            adam_([p.data for p in params], [grads[name] for name in names], states, group, keep)
+        return keep
+
+    def critic_update(self, minibatch: TensorDict) -> TensorDict:
+        s = self.settings
+        grads, out, pending = self.loss("critic", "critic", minibatch, s.gamma, s.critic_entropy_coef)
+        out["grad_norm_critic"] = _norm(grads.values())
+        keep = self.step("critic", grads, out["loss_critic"], 0)
+        buffers = dict(self.parts.named_buffers())
+        with torch.no_grad():  # the statistics of this update's train-mode pass (kept if the step was undone)
+            for name, value in pending.items():
+                running = buffers[name.replace(PENDING, "")]
+                assign_(running, value if keep is None else torch.where(keep, value, running))
+        return out
+
+    def actor_update(self, minibatch: TensorDict) -> TensorDict:
+        """Actor (NaN → 0, element-wise clipping), temperature and target refresh (docs/algorithm.md §1.7, §3, §5)."""
+        grads, out, _ = self.loss("actor", "actor", minibatch["observation"])
+        clip = self.settings.actor_grad_clip
+        grads = {name: g.nan_to_num(nan=0.0, posinf=clip, neginf=-clip).clamp(-clip, clip) for name, g in grads.items()}
+        out["grad_norm_actor"] = _norm(grads.values())
+        self.step("actor", grads, out["loss_actor"], 1)
+        if "alpha" in self.groups:
+            alpha_grads, alpha_out, _ = self.loss("alpha", "alpha", out["running_cost"])
+            self.step("alpha", alpha_grads, alpha_out["loss_alpha"], 2)
+        else:  # fixed α: the loss for the record only
+            alpha_out = temperature_loss(self.parts.temperature, out["running_cost"]).detach()
+        out.update(alpha_out)
+        target = self.parts.target_actor
+        if target is not None:
+            with torch.no_grad():
+                for t, online in zip(target.parameters(), self.parts.actor.parameters(), strict=True):
+                    assign_(t, t.lerp(online, self.settings.policy_tau))
+        return out
+
+    def __call__(self, sample: TensorDict, pattern: tuple[bool, ...]) -> TensorDict:
+        """``utd`` critic updates on ``sample``'s minibatches, each followed by an actor update where ``pattern``
+        says; returns the last ones' detached metrics."""
+        out = TensorDict()
+        for minibatch, actor_due in zip(sample.unbind(0), pattern, strict=True):  # (utd, B) -> utd × (B,)
+            out.update(self.critic_update(minibatch))
+            if actor_due:
+                out.update(self.actor_update(minibatch))
+        return out
+
+
+def _norm(tensors) -> torch.Tensor:
+    """Global L2 norm of a collection of gradients (detached)."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.detach()) for t in tensors]))
