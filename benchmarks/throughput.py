@@ -232,6 +232,7 @@ def speed(device: torch.device, mode: str, width: int, hidden: int, repeats: int
             act1(obs1).cpu()
 
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # process-wide: cleared so that the graph count is this mode's
     start = time.perf_counter()
     updates()  # the first 3 env steps: every schedule variant compiled (and captured on CUDA)
     if device.type == "cuda":
