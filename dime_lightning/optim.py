@@ -23,18 +23,28 @@ def adam(
                             capturable=capturable)
 
 
+def zero_nan_and_clip(grad: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
+    """NaN entries → 0, then every entry clamped to [−clip, clip] (±inf → ±clip)."""
+    return grad.nan_to_num(nan=0.0, posinf=clip, neginf=-clip).clamp(-clip, clip)
+
+
 @torch.no_grad()
 def zero_nan_and_clip_gradients_(params: Iterable[torch.nn.Parameter], clip: float = 1.0) -> None:
-    """In place: NaN gradient entries → 0, then every entry clamped to [−clip, clip] (±inf → ±clip)."""
+    """``zero_nan_and_clip`` applied in place to the ``.grad`` of ``params``."""
     for p in params:
         if p.grad is not None:
-            p.grad.nan_to_num_(nan=0.0, posinf=clip, neginf=-clip).clamp_(-clip, clip)
+            p.grad.copy_(zero_nan_and_clip(p.grad, clip))
 
 
 @torch.no_grad()
-def gradient_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
-    """Global L2 norm of the gradients as a detached tensor (for logging; no host sync)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+def global_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of ``tensors`` as a detached tensor (for logging; no host sync); 0 for none."""
+    tensors = [t.detach() for t in tensors]
+    if not tensors:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+
+
+def gradient_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """Global L2 norm of the gradients of ``params`` (those that have one)."""
+    return global_norm(p.grad for p in params if p.grad is not None)

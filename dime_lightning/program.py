@@ -1,8 +1,8 @@
-"""One env step of updates as one traceable program: what update.py's "whole" mode compiles (docs/algorithm.md §4).
+"""An env step's updates as traceable programs: what update.py's "whole" mode compiles (docs/algorithm.md §4).
 
 The same updates as the eager path (critic, then actor, temperature and target refresh when due), written so that
-Dynamo traces the env step into a single graph (``torch.compile(..., fullgraph=True)``), with no backward pass
-and no optimizer call between graphs:
+Dynamo traces each update (the critic's; the actor's with the temperature and the target refresh) into a single
+graph (``torch.compile(..., fullgraph=True)``), with no backward pass and no optimizer call between graphs:
 
 - gradients: ``torch.func.grad_and_value`` of each loss with respect to its own parameters only (every other
   tensor enters as a constant, so no gradient can reach another part);
@@ -22,6 +22,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value
 
 from dime_lightning.losses import actor_loss, critic_loss, temperature_loss
+from dime_lightning.optim import global_norm, zero_nan_and_clip
 from dime_lightning.temperature import Temperature
 from dime_lightning.update_settings import UpdateSettings
 
@@ -91,9 +92,9 @@ def ensure_adam_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 class StepProgram:
-    """The env step's updates for a static schedule ``pattern``, as one function of the sample (and of the modules'
-    and optimizers' tensors, which it updates in place). ``nonfinite`` (3,) and ``skipped`` () are the updater's
-    device-side counters."""
+    """The two updates of an env step, ``critic_update(minibatch)`` and ``actor_update(minibatch)``, each a function
+    of the minibatch (and of the modules' and optimizers' tensors, which it updates in place); the updater calls
+    them as the schedule says. ``nonfinite`` (3,) and ``skipped`` () are the updater's device-side counters."""
 
     def __init__(self, actor: nn.Module, critic: nn.Module, temperature: Temperature, target_actor: nn.Module | None,
                  optimizers: dict[str, torch.optim.Optimizer | None], settings: UpdateSettings,
@@ -110,10 +111,11 @@ class StepProgram:
             params = list(group["params"])
             self.groups[part] = ([names[id(p)] for p in params], params, [optimizer.state[p] for p in params], group)
 
-    def loss(self, part: str, kind: str, *args) -> tuple[dict[str, torch.Tensor], TensorDict, dict]:
-        """Gradients of loss ``kind`` with respect to ``part``'s trainable parameters only; returns (gradients by
-        name, the loss's TensorDict with its named loss detached, the new batch-renorm statistics by name)."""
-        names = self.groups[part][0]
+    def loss(self, kind: str, *args) -> tuple[dict[str, torch.Tensor], TensorDict, dict]:
+        """Gradients of loss ``kind`` ("critic", "actor", "alpha") with respect to that part's trainable parameters
+        only; returns (gradients by name, the loss's TensorDict with its named loss detached, the new batch-renorm
+        statistics by name)."""
+        names = self.groups[kind][0]
         constants = {name: p.detach() for name, p in self.parts.named_parameters()}
         buffers = dict(self.parts.named_buffers())
 
@@ -144,8 +146,8 @@ class StepProgram:
 
     def critic_update(self, minibatch: TensorDict) -> TensorDict:
         s = self.settings
-        grads, out, pending = self.loss("critic", "critic", minibatch, s.gamma, s.critic_entropy_coef)
-        out["grad_norm_critic"] = _norm(grads.values())
+        grads, out, pending = self.loss("critic", minibatch, s.gamma, s.critic_entropy_coef)
+        out["grad_norm_critic"] = global_norm(grads.values())
         keep = self.step("critic", grads, out["loss_critic"], 0)
         buffers = dict(self.parts.named_buffers())
         with torch.no_grad():  # the statistics of this update's train-mode pass (kept if the step was undone)
@@ -156,13 +158,13 @@ class StepProgram:
 
     def actor_update(self, minibatch: TensorDict) -> TensorDict:
         """Actor (NaN → 0, element-wise clipping), temperature and target refresh (docs/algorithm.md §1.7, §3, §5)."""
-        grads, out, _ = self.loss("actor", "actor", minibatch["observation"])
+        grads, out, _ = self.loss("actor", minibatch["observation"])
         clip = self.settings.actor_grad_clip
-        grads = {name: g.nan_to_num(nan=0.0, posinf=clip, neginf=-clip).clamp(-clip, clip) for name, g in grads.items()}
-        out["grad_norm_actor"] = _norm(grads.values())
+        grads = {name: zero_nan_and_clip(g, clip) for name, g in grads.items()}
+        out["grad_norm_actor"] = global_norm(grads.values())
         self.step("actor", grads, out["loss_actor"], 1)
         if "alpha" in self.groups:
-            alpha_grads, alpha_out, _ = self.loss("alpha", "alpha", out["running_cost"])
+            alpha_grads, alpha_out, _ = self.loss("alpha", out["running_cost"])
             self.step("alpha", alpha_grads, alpha_out["loss_alpha"], 2)
         else:  # fixed α: the loss for the record only
             alpha_out = temperature_loss(self.parts.temperature, out["running_cost"]).detach()
@@ -173,18 +175,3 @@ class StepProgram:
                 for t, online in zip(target.parameters(), self.parts.actor.parameters(), strict=True):
                     assign_(t, t.lerp(online, self.settings.policy_tau))
         return out
-
-    def __call__(self, sample: TensorDict, pattern: tuple[bool, ...]) -> TensorDict:
-        """``utd`` critic updates on ``sample``'s minibatches, each followed by an actor update where ``pattern``
-        says; returns the last ones' detached metrics."""
-        out = TensorDict()
-        for minibatch, actor_due in zip(sample.unbind(0), pattern, strict=True):  # (utd, B) -> utd × (B,)
-            out.update(self.critic_update(minibatch))
-            if actor_due:
-                out.update(self.actor_update(minibatch))
-        return out
-
-
-def _norm(tensors) -> torch.Tensor:
-    """Global L2 norm of a collection of gradients (detached)."""
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.detach()) for t in tensors]))
