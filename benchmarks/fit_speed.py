@@ -1,9 +1,9 @@
 """Env steps/s of the real fit loop (CLI → Lightning → collector → buffer → update), warm-up vs learning phase.
 
-    python benchmarks/fit_speed.py --seconds 120 --out fit.json -- --config conf/ant.yaml --trainer.accelerator gpu \
-        --model.update.compile whole --model.compile_act reduce-overhead --data.storage device
+    python benchmarks/fit_speed.py --seconds 120 --out fit.json -- --config conf/ant.yaml --trainer.accelerator gpu
 
-Everything after ``--`` goes to ``dime_lightning.fit`` unchanged (evaluation and checkpoints are pushed out of
+With no speed flags the fit runs with the defaults a user gets (``auto``: dime_lightning.auto); the JSON records
+the modes they resolved to. Everything after ``--`` goes to ``dime_lightning.fit`` unchanged (evaluation and checkpoints are pushed out of
 the measured window, MLflow is off unless the arguments turn it on). The fit stops ``--seconds`` after the
 learning phase's first ``--skip`` steps (compilation, CUDA-graph capture), or at ``data.total_env_steps``.
 """
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     result = {"args": fit_args, "device": str(cli.model.device), "learning_starts": learning_starts,
               "env_steps": cli.model.env_steps, "critic_updates": cli.model.critic_updates,
-              "compile_update": cli.model.settings.compile, **timer.summary()}
+              "compile_update": cli.model.modes["compile"],  # as run: "auto" resolved, after any self-check fall-back
+              "modes": {**cli.model.modes, "storage": cli.datamodule.storage}, **timer.summary()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print("fit_speed", json.dumps(result), flush=True)

@@ -42,7 +42,8 @@ def summary(out: Path) -> str:
     fit = load(out / "fit.json")
     if fit and "learning_ms_per_env_step" in fit:
         loop = f" (JAX serial loop: {anchor['loop_env_step_ms']:.2f} ms)" if anchor else ""
-        lines.append(f"\nReal fit loop ({fit['compile_update']}, {fit['device']}): "
+        modes = ", ".join(f"{k} {v}" for k, v in (fit.get("modes") or {"compile": fit["compile_update"]}).items())
+        lines.append(f"\nReal fit loop ({modes}; {fit['device']}): "
                      f"{fit['learning_ms_per_env_step']:.2f} ms per env step in the learning phase{loop}, "
                      f"{fit['learning_env_steps_per_s']:.1f} env steps/s over {fit['learning_env_steps']} env steps; "
                      f"random warm-up {fit['warmup_ms_per_env_step']:.2f} ms per env step; compile and capture "

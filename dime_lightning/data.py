@@ -29,6 +29,7 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.collectors import Collector, MultiSyncCollector
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, TensorDictReplayBuffer
 
+from dime_lightning import auto
 from dime_lightning.buffer_dump import dump_bytes, verify_dump, write_manifest
 from dime_lightning.collection import CollectionPolicy, build_collector
 from dime_lightning.distributed import gather_objects
@@ -39,6 +40,7 @@ from dime_lightning.resources import free_bytes, human_bytes, require_memory
 TRANSITION_KEYS = ("observation", "action", ("next", "observation"), ("next", "reward"), ("next", "terminated"))
 EVAL_SEED_OFFSET = 1_000_000
 RANK_SEED_OFFSET = 1_000
+STORAGES = ("auto", "memory", "memmap", "device")
 # float32 observations, actions and rewards; a bool `terminated`; the int64 index TensorDictReplayBuffer adds
 FLOAT_BYTES, BOOL_BYTES, INDEX_BYTES = 4, 1, 8
 
@@ -76,8 +78,9 @@ class ReplayDataModule(pl.LightningDataModule):
         utd: minibatches per env step; linked from model.update.utd (never set here).
         frames_per_batch: env steps collected per collector batch (a multiple of num_workers), >= 1. Default 1.
         num_workers: env worker processes of the collector (1: the env runs in this process). Default 1.
-        storage: where the replay buffer lives: 'memory' (RAM), 'memmap' (files under scratch_dir) or
-            'device' (on the training device, sampled there). Default 'memory'.
+        storage: where the replay buffer lives: 'auto' (chosen at the start of a fit by device and free memory:
+            ``dime_lightning.auto``), 'memory' (RAM), 'memmap' (files under scratch_dir) or 'device' (on the
+            training device, sampled there). Default 'auto'.
         scratch_dir: folder of the 'memmap' storage; null: a temporary folder. Default null.
         seed: seed of the envs and the buffer sampler; linked from seed_everything (never set here).
     """
@@ -92,7 +95,7 @@ class ReplayDataModule(pl.LightningDataModule):
         utd: int = 2,
         frames_per_batch: int = 1,
         num_workers: int = 1,
-        storage: Literal["memory", "memmap", "device"] = "memory",
+        storage: Literal["auto", "memory", "memmap", "device"] = "auto",
         scratch_dir: str | None = None,
         seed: int = 0,
     ) -> None:
@@ -111,8 +114,8 @@ class ReplayDataModule(pl.LightningDataModule):
         if frames_per_batch % num_workers:
             raise BadInputError(f"data.frames_per_batch ({frames_per_batch}) must be a multiple of data.num_workers "
                              f"({num_workers}): each env worker collects frames_per_batch / num_workers per batch")
-        if storage not in ("memory", "memmap", "device"):
-            raise BadInputError(f"data.storage must be 'memory', 'memmap' or 'device', got {storage!r}")
+        if storage not in STORAGES:
+            raise BadInputError(f"data.storage must be one of {', '.join(map(repr, STORAGES))}, got {storage!r}")
         self.save_hyperparameters(logger=False)
         self.spec = env_spec(env_id)  # validates the id and reads the dimensions
         self.obs_dim, self.action_dim = self.spec.obs_dim, self.spec.action_dim
@@ -128,6 +131,7 @@ class ReplayDataModule(pl.LightningDataModule):
         self._policy: CollectionPolicy | None = None
         self._pending: list[TensorDictBase] = []  # collected frames not yet consumed (frames_per_batch > 1)
         self._scratch: Path | None = None  # memmap scratch folder of this process
+        self.storage: str | None = None if storage == "auto" else storage  # "auto": resolved by storage_for()
 
     # ---- setup / teardown ------------------------------------------------------------------------------
     @property
@@ -153,18 +157,33 @@ class ReplayDataModule(pl.LightningDataModule):
         self._policy = CollectionPolicy(module.actor, self.action_dim, seed=rank_seed, act=getattr(module, "act", None))
         self._collector = build_collector(hp.env_id, self._policy, hp.frames_per_batch, hp.num_workers, rank_seed)
 
+    @property
+    def learning_env_steps(self) -> int:
+        """Env steps of this run that update the networks (all ranks): what ``auto`` weighs compile time against."""
+        return self.hparams.total_env_steps - self.hparams.learning_starts
+
+    def storage_for(self, device: torch.device) -> str:
+        """The replay storage on ``device``: the configured one, or what ``auto`` picks there (decided once)."""
+        if self.storage is None:
+            need = self._local(self.hparams.buffer_size) * self.transition_bytes()
+            free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+            self.storage = auto.storage(device.type, need, free)
+        return self.storage
+
     def build_buffer(self) -> TensorDictReplayBuffer:
         hp = self.hparams
         size = self._local(hp.buffer_size)
-        if hp.storage == "memmap":
+        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        kind = self.storage_for(device)
+        if kind == "memmap":
             scratch = None
             if hp.scratch_dir is not None:  # a folder of this process's own, removed at teardown
                 self._scratch = Path(hp.scratch_dir) / f"dime-{os.getpid()}-{time.time_ns()}"
                 scratch = self._scratch / f"rank{self.rank}"
                 scratch.mkdir(parents=True, exist_ok=True)
             storage = LazyMemmapStorage(size, scratch_dir=scratch)
-        elif hp.storage == "device":  # on the training device (a GPU): minibatches are sampled there
-            storage = LazyTensorStorage(size, device=self.trainer.strategy.root_device if self.trainer else "cpu")
+        elif kind == "device":  # on the training device (a GPU): minibatches are sampled there
+            storage = LazyTensorStorage(size, device=device)
         else:
             storage = LazyTensorStorage(size)
         return TensorDictReplayBuffer(storage=storage, batch_size=hp.utd * hp.batch_size)
@@ -181,15 +200,16 @@ class ReplayDataModule(pl.LightningDataModule):
         hp = self.hparams
         capacity = self._local(hp.buffer_size)  # TorchRL allocates the whole storage at the first write
         need = capacity * self.transition_bytes() * ranks_here
-        what = (f"data.buffer_size {hp.buffer_size} with data.storage {hp.storage!r} ({capacity} transitions of "
+        kind = self.storage_for(device)
+        what = (f"data.buffer_size {hp.buffer_size} with data.storage {kind!r} ({capacity} transitions of "
                 f"{self.transition_bytes()} bytes for each of {ranks_here} process(es) here)")
-        if hp.storage == "memmap":
+        if kind == "memmap":
             folder = Path(hp.scratch_dir) if hp.scratch_dir else Path(tempfile.gettempdir())
             if need > free_bytes(folder):
                 raise BadInputError(f"{what} needs about {human_bytes(need)} of disk in {folder}, "
                                  f"{human_bytes(free_bytes(folder))} is free: lower data.buffer_size or set "
                                  "data.scratch_dir to a disk with room")
-        elif hp.storage == "device" and device.type == "cuda":
+        elif kind == "device" and device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             if need > free:
                 raise BadInputError(f"{what} needs about {human_bytes(need)} on {device}, {human_bytes(free)} is free: "

@@ -18,6 +18,7 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
+from dime_lightning import auto
 from dime_lightning import checkpoint_schema as schema
 from dime_lightning.actor import DiffusionActor
 from dime_lightning.compat import lightning_logs_this_step, reopen_finished_fit
@@ -28,10 +29,11 @@ from dime_lightning.errors import BadInputError, NonFiniteError
 from dime_lightning.policy import check_actor
 from dime_lightning.temperature import Temperature
 from dime_lightning.update import DIMEUpdater, make_target_actor, maybe_compile
-from dime_lightning.update_settings import UpdateSettings
+from dime_lightning.update_settings import AUTO, UpdateSettings
 
 ActorFactory = Callable[[int, int], nn.Module]
-ActMode = Literal["none", "default", "reduce-overhead"]
+ActMode = Literal["auto", "none", "default", "reduce-overhead"]
+ACT_MODES = ("auto", "none", "default", "reduce-overhead")
 CriticFactory = Callable[[int, int], DistributionalCritic]
 TemperatureFactory = Callable[[int], Temperature]
 
@@ -48,8 +50,8 @@ class DIMEModule(pl.LightningModule):
         temperature: the temperature α, built as ``temperature(action_dim)``; ``Temperature``.
         update: the update's settings (``UpdateSettings``: discount, update-to-data ratio, policy delay, learning
             rates, clipping, non-finite handling, compile mode); the config group ``model.update``.
-        compile_act: acting through torch.compile: 'none', 'default', 'reduce-overhead' (a CUDA graph on a
-            GPU). Default 'none'.
+        compile_act: acting through torch.compile: 'auto' (chosen at the start of a fit by device:
+            ``dime_lightning.auto``), 'none', 'default', 'reduce-overhead' (a CUDA graph on a GPU). Default 'auto'.
     """
 
     def __init__(
@@ -60,7 +62,7 @@ class DIMEModule(pl.LightningModule):
         critic: CriticFactory = DistributionalCritic,
         temperature: TemperatureFactory = Temperature,
         update: UpdateSettings = UpdateSettings(),  # noqa: B008 (frozen: one shared default is safe)
-        compile_act: ActMode = "none",
+        compile_act: ActMode = "auto",
     ) -> None:
         super().__init__()
         if obs_dim < 1 or action_dim < 1:
@@ -68,8 +70,8 @@ class DIMEModule(pl.LightningModule):
                 f"model.obs_dim and model.action_dim come from the env and must be >= 1, got {obs_dim}, {action_dim}"
             )
         settings = UpdateSettings.of(update)  # a mapping too: a checkpoint's plain data
-        if compile_act not in ("none", "default", "reduce-overhead"):
-            raise BadInputError(f"model.compile_act must be 'none', 'default' or 'reduce-overhead', "
+        if compile_act not in ACT_MODES:
+            raise BadInputError(f"model.compile_act must be one of {', '.join(map(repr, ACT_MODES))}, "
                                 f"got {compile_act!r}")
         self.save_hyperparameters(ignore=["actor", "critic", "temperature", "update"], logger=False)
         self.hparams["update"] = settings.as_dict()  # plain data: weights-only loading reads it
@@ -87,8 +89,10 @@ class DIMEModule(pl.LightningModule):
             optimizer_step=self._lightning_step, all_finite=self._all_ranks_finite,
             after_critic_step=lambda: average_running_statistics_(self.critic),
         )
-        # acting, optionally through torch.compile ("reduce-overhead" replays a CUDA graph on a GPU)
-        self.act = maybe_compile(self.actor.act, compile_act)
+        # acting, optionally through torch.compile ("reduce-overhead" replays a CUDA graph on a GPU); "auto" is
+        # eager until setup() resolves it
+        self._act_mode = "none" if compile_act == AUTO else compile_act
+        self._act = maybe_compile(self.actor.act, self._act_mode)
         self.env_steps = 0
         self._checked_at = 0  # env steps at the last deferred non-finite check ("whole")
 
@@ -101,9 +105,28 @@ class DIMEModule(pl.LightningModule):
         self.updater.align_loaded_optimizers()  # a resumed checkpoint's optimizer flags are this mode's again
 
     def setup(self, stage: str) -> None:
-        if self.settings.compile == "whole" and self.trainer is not None and self.trainer.world_size > 1:
+        """Resolve the ``auto`` modes (dime_lightning.auto) for this device, process count and run length."""
+        processes = self.trainer.world_size if self.trainer is not None else 1
+        if self.settings.compile == "whole" and processes > 1:
             raise BadInputError("model.update.compile 'whole' runs in one process (its backward passes bypass DDP's "
                              "gradient averaging): use 'none', 'default' or 'reduce-overhead' with several processes")
+        device = self.trainer.strategy.root_device if self.trainer is not None else self.device
+        if self.settings.compile == AUTO:
+            data = getattr(self.trainer, "datamodule", None)
+            learning = getattr(data, "learning_env_steps", None)
+            self.updater.set_mode(auto.update_mode(device.type, processes, learning))
+        if self.hparams.compile_act == AUTO:
+            self._act_mode = auto.act_mode(device.type)
+            self._act = maybe_compile(self.actor.act, self._act_mode)
+
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        """Actions for ``obs`` (collection's policy): the actor's ``act``, compiled as ``compile_act`` says."""
+        return self._act(obs)
+
+    @property
+    def modes(self) -> dict[str, str]:
+        """The modes this run uses: the update's (after any self-check fall-back) and acting's."""
+        return {"compile": self.updater.mode, "compile_act": self._act_mode}
 
     # ---- the update: one env step (update.py holds the schedule, the losses and the optimizer steps) ------
     def training_step(self, batch: StepBatch, batch_idx: int) -> None:

@@ -111,6 +111,16 @@ class StepProgram:
             params = list(group["params"])
             self.groups[part] = ([names[id(p)] for p in params], params, [optimizer.state[p] for p in params], group)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the programs update in place, by name: parameters, buffers (batch-renorm statistics),
+        optimizer state and the non-finite counters."""
+        tensors = {f"{name}": p.data for name, p in self.parts.named_parameters()}
+        tensors.update(self.parts.named_buffers())
+        for part, (names, _, states, _) in self.groups.items():
+            for name, state in zip(names, states, strict=True):
+                tensors.update({f"{part} optimizer {key} of {name}": value for key, value in state.items()})
+        return {**tensors, "non-finite counts": self.nonfinite, "skipped updates": self.skipped}
+
     def loss(self, kind: str, *args) -> tuple[dict[str, torch.Tensor], TensorDict, dict]:
         """Gradients of loss ``kind`` ("critic", "actor", "alpha") with respect to that part's trainable parameters
         only; returns (gradients by name, the loss's TensorDict with its named loss detached, the new batch-renorm

@@ -40,6 +40,15 @@ def run_tags(config: dict[str, Any]) -> dict[str, str]:
             "dime.compile": str((model.get("update") or {}).get("compile"))}
 
 
+def mode_tags(modes: dict[str, str], storage: str | None) -> dict[str, str]:
+    """The modes a fit resolved from its ``auto`` settings (dime_lightning.auto), as tags: ``dime.compile`` (in place
+    of the configured value), ``dime.compile_act`` and ``dime.storage``.
+
+    modes: ``DIMEModule.modes``; storage: the data module's resolved storage (None: not known)."""
+    tags = {"dime.compile": modes["compile"], "dime.compile_act": modes["compile_act"]}
+    return tags if storage is None else {**tags, "dime.storage": storage}
+
+
 def default_run_name(config: dict[str, Any]) -> str:
     """``<env id>-<actor>-seed<seed>``, e.g. ``Pendulum-v1-DIME-seed0``: the run name when none is given.
 

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dime_lightning import checkpoint_schema as schema
 from dime_lightning.errors import TrackingError
-from dime_lightning.runs import run_tags
+from dime_lightning.runs import mode_tags, run_tags
 from dime_lightning.tracking_queue import QueuedClient
 
 
@@ -179,7 +179,10 @@ class MLflowRunInfo(Callback):
         logger = trainer.logger
         if not isinstance(logger, MLFlowLogger):
             return
-        for key, value in run_tags(self.config).items():  # also on resume: runs of earlier versions get them
+        tags = run_tags(self.config)  # also on resume: runs of earlier versions get them
+        if hasattr(pl_module, "modes"):  # what "auto" resolved to in this start
+            tags.update(mode_tags(pl_module.modes, getattr(trainer.datamodule, "storage", None)))
+        for key, value in tags.items():
             logger.experiment.set_tag(logger.run_id, key, value)
         if self.resumed:  # params are immutable in MLflow: a resumed run keeps the ones it started with
             logger.experiment.log_text(logger.run_id, self.config_yaml, f"config-resume-{pl_module.env_steps}.yaml")

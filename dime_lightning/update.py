@@ -35,6 +35,7 @@ of them: it runs in one process.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -47,13 +48,15 @@ from dime_lightning.losses import actor_loss, critic_loss, temperature_loss
 from dime_lightning.optim import adam, gradient_norm, zero_nan_and_clip_gradients_
 from dime_lightning.program import StepProgram
 from dime_lightning.schedule import UpdateSchedule
+from dime_lightning.self_check import compare_runs
 from dime_lightning.temperature import Temperature
-from dime_lightning.update_settings import UpdateSettings
+from dime_lightning.update_settings import AUTO, COMPILE_MODES, UpdateSettings
 
 if TYPE_CHECKING:  # the updater knows no checkpoint: the module hands it the counters it read
     from dime_lightning.checkpoint_schema import Counters
 
 NONFINITE_SLOTS = ("loss_critic", "loss_actor", "loss_alpha")
+CUDA_GRAPH_WARMUP = 3  # compiled calls run eagerly before each program's CUDA graph is captured
 
 
 def maybe_compile(fn: Callable, mode: str) -> Callable:
@@ -94,28 +97,38 @@ class DIMEUpdater:
         self.settings = settings = UpdateSettings.of(settings)
         self.actor, self.critic, self.temperature, self.target_actor = actor, critic, temperature, target_actor
         self.schedule = UpdateSchedule(settings.utd, settings.policy_delay)
-        self.mode = compile = settings.compile
-        if compile == "whole":  # plain PyTorch inside the compiled graph (one process: no DDP hooks)
-            backward = optimizer_step = after_critic_step = None
-        self.backward = backward or torch.Tensor.backward
+        self.backward = backward or torch.Tensor.backward  # the hooks serve the eager and compiled-loss modes
         self.optimizer_step = optimizer_step or _plain_step
         self.all_finite = all_finite or bool
         self.after_critic_step = after_critic_step or (lambda: None)
-        whole = compile == "whole"
-        self.critic_loss = critic_loss if whole else maybe_compile(critic_loss, compile)
-        self.actor_loss = actor_loss if whole else maybe_compile(actor_loss, compile)
-        # compiled: batch-renorm statistics are applied after the critic's backward (critic.BatchRenorm explains);
-        # "whole"'s program applies them itself (program.py)
-        deferred = compile != "none" and hasattr(critic, "defer_statistics_")
-        if deferred:
-            critic.defer_statistics_(True)
-        self.commit_statistics = critic.commit_statistics_ if deferred and not whole else None
+        self._program: StepProgram | None = None  # "whole": built at the first env step, on the optimizers' state
+        self._compiled: dict[str, Callable[[TensorDict], TensorDict]] = {}  # "whole": its two programs, compiled
+        self._captured = False  # "whole": whether they replay as CUDA graphs
+        # "auto" is resolved by the caller, which knows device, processes and run length (DIMEModule.setup, through
+        # dime_lightning.auto): until then, and for framework-free use, the update runs eagerly
+        self.set_mode("none" if settings.compile == AUTO else settings.compile)
         self.critic_updates = self.actor_updates = self.skipped_updates = 0
         self.optimizers: list[torch.optim.Optimizer] = []
         self._nonfinite: torch.Tensor | None = None  # "whole": non-finite losses per slot since the last check
         self._skipped: torch.Tensor | None = None  # "whole" + "skip": steps undone since the last check
-        self._program: StepProgram | None = None  # "whole": built at the first env step, on the optimizers' state
-        self._compiled: dict[str, Callable[[TensorDict], TensorDict]] = {}  # "whole": its two programs, compiled
+
+    def set_mode(self, mode: str) -> None:
+        """Run the update as ``mode`` ("none", "default", "reduce-overhead", "whole") from the next env step: the
+        resolution of "auto", or the self-check's fall-back to eager."""
+        if mode not in COMPILE_MODES or mode == AUTO:
+            raise BadInputError(f"the update's mode must be one of {COMPILE_MODES[1:]}, got {mode!r}")
+        self.mode = mode
+        whole = mode == "whole"
+        self.critic_loss = critic_loss if whole else maybe_compile(critic_loss, mode)
+        self.actor_loss = actor_loss if whole else maybe_compile(actor_loss, mode)
+        # compiled: batch-renorm statistics are applied after the critic's backward (critic.BatchRenorm explains);
+        # "whole"'s program applies them itself (program.py)
+        deferred = mode != "none" and hasattr(self.critic, "defer_statistics_")
+        if hasattr(self.critic, "defer_statistics_"):
+            self.critic.defer_statistics_(deferred)
+        self.commit_statistics = self.critic.commit_statistics_ if deferred and not whole else None
+        self._program = None
+        self._compiled.clear()
 
     # ---- optimizers ---------------------------------------------------------------------------------------
     def build_optimizers(self, fused: bool = False) -> list[torch.optim.Optimizer]:
@@ -147,14 +160,19 @@ class DIMEUpdater:
         module does, at train start)."""
         if self.mode != "whole" or not self.optimizers:
             return
+        self._place_step_counts(None)
+        self._program = None
+        self._compiled.clear()
+
+    def _place_step_counts(self, device: torch.device | str | None) -> None:
+        """Adam's step counts as float32 on ``device`` (None: each parameter's own device, as "whole" keeps them;
+        "cpu": where torch's eager, unfused Adam keeps them)."""
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     state = optimizer.state.get(p, {})
                     if isinstance(state.get("step"), torch.Tensor):
-                        state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
-        self._program = None
-        self._compiled.clear()
+                        state["step"] = state["step"].to(device=device or p.device, dtype=torch.float32)
 
     # ---- one env step -------------------------------------------------------------------------------------
     def __call__(self, sample: TensorDict, diagnostics: bool = False) -> TensorDict:
@@ -248,16 +266,13 @@ class DIMEUpdater:
         return self._program
 
     def _whole_step(self, sample: TensorDict) -> TensorDict:
-        if not self._compiled:  # one graph per program: fullgraph fails loudly on any graph break
-            program = self.program()
-            for name, fn in (("critic", program.critic_update), ("actor", program.actor_update)):
-                fn = torch.compile(fn, fullgraph=True)
-                if sample.device is not None and sample.device.type == "cuda":
-                    from tensordict.nn import CudaGraphModule  # CUDA only; it changes how TensorDicts are flattened
-
-                    # 3 warm-up calls (compiled, run eagerly) before the capture: nothing compiles during it
-                    fn = CudaGraphModule(fn, warmup=3, in_keys=[], out_keys=[])
-                self._compiled[name] = fn
+        if not self._compiled:
+            self._compile(cuda=sample.device is not None and sample.device.type == "cuda")
+            if self._captured:
+                reason = self.self_check(sample)
+                if reason is not None:
+                    self._fall_back_to_eager(reason)
+                    return self(sample)
         mark_compiled_step()  # for CUDA-graph trees of compiled acting: a new step begins
         out = TensorDict()
         for minibatch, actor_due in zip(sample.unbind(0), self.phase(), strict=True):  # (utd, B) -> utd × (B,)
@@ -267,6 +282,52 @@ class DIMEUpdater:
                 out.update(self._compiled["actor"](minibatch))
                 self.actor_updates += 1
         return out
+
+    def _compile(self, cuda: bool) -> None:
+        """The two programs, each one graph (``fullgraph`` fails loudly on any graph break), drawing their noise
+        from the eager generator (inductor's ``fallback_random``: what the self-check relies on); on CUDA each is
+        replayed as one CUDA graph."""
+        program = self.program()
+        for name, fn in (("critic", program.critic_update), ("actor", program.actor_update)):
+            fn = torch.compile(fn, fullgraph=True, options={"fallback_random": True})
+            if cuda:
+                from tensordict.nn import CudaGraphModule  # CUDA only; it changes how TensorDicts are flattened
+
+                # warm-up calls (compiled, run eagerly) before the capture: nothing compiles during it
+                fn = CudaGraphModule(fn, warmup=CUDA_GRAPH_WARMUP, in_keys=[], out_keys=[])
+            self._compiled[name] = fn
+        self._captured = cuda
+
+    def self_check(self, sample: TensorDict) -> str | None:
+        """Compiled programs against the same programs run eagerly (self_check.py), from the current state, on the
+        minibatches of ``sample``, over enough updates that each captured program is replayed twice; the state is
+        restored afterwards. Returns what disagrees, or None."""
+        if not self._compiled:
+            self._compile(cuda=sample.device is not None and sample.device.type == "cuda")
+        program, minibatches = self.program(), sample.unbind(0)
+        plan, n = [], self.critic_updates  # (minibatch, actor due) in the schedule's order from here
+        while sum(due for _, due in plan) < CUDA_GRAPH_WARMUP + 3:  # warm-up calls, the capture, two replays
+            n += 1
+            plan.append((minibatches[len(plan) % len(minibatches)], self.schedule.actor_due(n)))
+
+        def run(critic: Callable, actor: Callable) -> dict[str, torch.Tensor]:
+            outputs = {}
+            for i, (minibatch, due) in enumerate(plan):
+                mark_compiled_step()
+                results = [("critic", critic(minibatch))] + ([("actor", actor(minibatch))] if due else [])
+                outputs.update({f"update {i} {kind}: {key}": value.clone() for kind, out in results
+                                for key, value in out.items()})
+            return outputs
+
+        return compare_runs(program.tensors(), lambda: run(self._compiled["critic"], self._compiled["actor"]),
+                            lambda: run(program.critic_update, program.actor_update))
+
+    def _fall_back_to_eager(self, reason: str) -> None:
+        warnings.warn(f"model.update.compile 'whole': the compiled update disagreed with the eager one in the start-up "
+                      f"self-check ({reason}); this run updates eagerly (as model.update.compile 'none')",
+                      RuntimeWarning, stacklevel=3)
+        self.set_mode("none")
+        self._place_step_counts("cpu")
 
     def _skip_now(self, name: str, loss: torch.Tensor) -> bool:
         """Eager check (one host sync): stop with a message, or skip this optimizer step and count it."""

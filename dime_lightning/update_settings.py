@@ -15,8 +15,9 @@ from typing import Any, Literal
 from dime_lightning.errors import BadInputError
 from dime_lightning.optim import ACTOR_CRITIC_BETAS
 
-CompileMode = Literal["none", "default", "reduce-overhead", "whole"]
-COMPILE_MODES = ("none", "default", "reduce-overhead", "whole")
+CompileMode = Literal["auto", "none", "default", "reduce-overhead", "whole"]
+COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "whole")
+AUTO = "auto"  # resolved at the start of a fit (dime_lightning.auto)
 GROUP = "model.update"  # where the settings sit in the fit config
 
 
@@ -39,9 +40,10 @@ class UpdateSettings:
         check_finite: check every loss for NaN/inf and act as ``nonfinite`` says. Default true.
         nonfinite: on a non-finite loss: 'stop' (exit 3, the last good checkpoint kept) or 'skip' (undo that
             update and go on, counted in ``train/skipped_updates``). Default 'stop'.
-        compile: how the update runs: 'none' (eager), 'default' or 'reduce-overhead' (the losses through
-            torch.compile), 'whole' (the whole env-step update as compiled functions; one process only).
-            ``dime_lightning.update`` describes each. Default 'none'.
+        compile: how the update runs: 'auto' (chosen at the start of a fit by device, processes and run length:
+            ``dime_lightning.auto``), 'none' (eager), 'default' or 'reduce-overhead' (the losses through
+            torch.compile), 'whole' (the whole env-step update as compiled programs; one process only).
+            ``dime_lightning.update`` describes each. Default 'auto'.
     """
 
     gamma: float = 0.99
@@ -55,7 +57,7 @@ class UpdateSettings:
     critic_entropy_coef: float = 0.005
     check_finite: bool = True
     nonfinite: Literal["stop", "skip"] = "stop"
-    compile: CompileMode = "none"
+    compile: CompileMode = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list | tuple):

@@ -56,8 +56,10 @@ def test_pendulum_smoke_fit_through_the_real_cli(tmp_path):
     run_id = runs.run_id[0]
     run = client.get_run(run_id)  # a default name and tags to tell runs apart by
     assert run.info.run_name == "Pendulum-v1-DIME-seed0"
-    assert {key: run.data.tags.get(key) for key in ("dime.task", "dime.actor", "dime.seed", "dime.compile")} == {
-        "dime.task": "Pendulum-v1", "dime.actor": "DIME", "dime.seed": "0", "dime.compile": "none"}
+    keys = ("dime.task", "dime.actor", "dime.seed", "dime.compile", "dime.compile_act", "dime.storage")
+    assert {key: run.data.tags.get(key) for key in keys} == {  # the speed settings' "auto", as resolved: a short
+        "dime.task": "Pendulum-v1", "dime.actor": "DIME", "dime.seed": "0",  # CPU run stays eager (auto.py)
+        "dime.compile": "none", "dime.compile_act": "none", "dime.storage": "memory"}
     # 100 -> 200 holds the evaluation and checkpoint at 150: the training rate leaves their time out, the wall rate not
     rates = {key: {m.step: m.value for m in client.get_metric_history(run_id, f"time/{key}")}
              for key in ("env_steps_per_second", "env_steps_per_second_wall")}

@@ -260,3 +260,44 @@ def test_assign_writes_0d_inputs_of_a_compiled_graph(dtype) -> None:
     write(target, torch.tensor(2, dtype=dtype))
     write(target, torch.tensor(3, dtype=dtype))
     assert target.item() == 3
+
+
+def test_start_up_self_check_agrees_leaves_no_trace_and_falls_back_on_a_mismatch(no_compile, monkeypatch) -> None:
+    """The self-check (self_check.py) of the "compiled" programs (uncompiled here: what compiling changes is
+    test_compiled_update_matches_eager's) against the same programs run eagerly, as a CUDA start-up runs it: agreement
+    and an untouched state, though both runs drew noise; then a mismatch injected into the compiled critic program
+    makes the next env step warn, name it and update eagerly from then on."""
+    data = samples(3)
+    modules = tiny_modules()
+    updater, _ = run("whole", modules, data[:1])  # past the first env step: optimizer state exists
+    before = state(modules)
+    assert updater.self_check(data[1]) is None
+    assert updater.counters() == {"critic_updates": 2, "actor_updates": 0, "skipped_updates": 0}
+    for key, value in state(modules).items():
+        assert torch.equal(value, before[key]), key
+
+    compile_programs = updater._compile
+
+    def compile_with_a_stale_write(cuda: bool) -> None:  # e.g. a replay that writes one tensor wrong
+        compile_programs(cuda=False)
+        compiled_critic = updater._compiled["critic"]
+
+        def critic_update(minibatch: TensorDict) -> TensorDict:
+            out = compiled_critic(minibatch)
+            with torch.no_grad():
+                next(modules[1].parameters()).add_(0.5)
+            return out
+
+        updater._compiled["critic"] = critic_update
+        updater._captured = True  # as on CUDA: the check runs before the first step
+
+    monkeypatch.setattr(updater, "_compile", compile_with_a_stale_write)
+    updater._compiled.clear()  # compiled again at the next env step (Dynamo's cache holds the graphs)
+    with pytest.warns(RuntimeWarning, match=r"self-check \(.* differs by .*\); this run updates eagerly"):
+        updater(data[1])
+    assert updater.mode == "none" and not updater._compiled
+    assert updater.counters() == {"critic_updates": 4, "actor_updates": 1, "skipped_updates": 0}
+    assert all(step.device.type == "cpu" for opt in updater.optimizers for s in opt.state.values()
+               for step in [s["step"]])  # where eager Adam keeps its step counts
+    updater(data[2])  # eager from here
+    assert updater.counters()["critic_updates"] == 6

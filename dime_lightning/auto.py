@@ -1,0 +1,51 @@
+"""What ``auto`` means for the three speed settings, ``model.update.compile``, ``model.compile_act`` and
+``data.storage``: one table, resolved at the start of a fit from the device, the number of processes and the run's
+length. The module and the data module call these functions; BENCHMARKS.md holds the measurements behind them.
+
+================  ==========================================  ==============================================
+setting           CUDA                                        CPU
+================  ==========================================  ==============================================
+update compile    'whole' in one process (checked at start-up  'whole' in one process when the run has at least
+                  against eager, eager on a mismatch);        ``WHOLE_MIN_LEARNING_STEPS`` learning env steps,
+                  'none' with several processes               else 'none'; 'none' with several processes
+compile_act       'reduce-overhead' (acting as a CUDA graph)  'none'
+storage           'device' when the buffer takes at most      'memory'
+                  ``DEVICE_STORAGE_SHARE`` of the free GPU
+                  memory, else 'memory'
+================  ==========================================  ==============================================
+
+Why: on one CPU core "whole" ran the learning step at 0.19× eager's time at the dispatch-bound size and 0.83× at
+CPU size, but its two programs take about a minute to compile, so short runs (tests, smoke checks) stay eager.
+Several processes stay eager because "whole" runs in one process and the compiled losses have not been tested
+under DDP. The CUDA choices follow the GPU design (a launch-bound update); they have not been measured on a GPU.
+"""
+
+from __future__ import annotations
+
+# learning env steps (data.total_env_steps − data.learning_starts) from which "whole" pays for its compile on a CPU:
+# ≈ 70 s of compile at the dispatch-bound size, where it saves ≈ 10 ms per learning step; at CPU size it saves
+# ≈ 28 ms per step
+WHOLE_MIN_LEARNING_STEPS = 5_000
+DEVICE_STORAGE_SHARE = 0.5  # of the free GPU memory, at most, for a replay buffer on the device
+
+
+def update_mode(device_type: str, processes: int, learning_env_steps: int | None) -> str:
+    """The update's compile mode for ``auto``. ``learning_env_steps`` None: unknown (eager on a CPU)."""
+    if processes > 1:
+        return "none"
+    if device_type == "cuda":
+        return "whole"
+    long_run = learning_env_steps is not None and learning_env_steps >= WHOLE_MIN_LEARNING_STEPS
+    return "whole" if device_type == "cpu" and long_run else "none"
+
+
+def act_mode(device_type: str) -> str:
+    """Acting's compile mode for ``auto``: one CUDA graph per action on a GPU, eager elsewhere."""
+    return "reduce-overhead" if device_type == "cuda" else "none"
+
+
+def storage(device_type: str, need_bytes: int, free_device_bytes: int | None) -> str:
+    """The replay storage for ``auto``: on the GPU when ``need_bytes`` fits in ``DEVICE_STORAGE_SHARE`` of its free
+    memory (``free_device_bytes``), in RAM otherwise."""
+    fits = free_device_bytes is not None and need_bytes <= DEVICE_STORAGE_SHARE * free_device_bytes
+    return "device" if device_type == "cuda" and fits else "memory"
