@@ -2,10 +2,10 @@
 
     python benchmarks/fit_speed.py --seconds 120 --out fit.json -- --config conf/ant.yaml --trainer.accelerator gpu
 
-With no speed flags the fit runs with the defaults a user gets (``auto``: dime_lightning.auto); the JSON records
-the modes they resolved to. Everything after ``--`` goes to ``dime_lightning.fit`` unchanged (evaluation and checkpoints are pushed out of
-the measured window, MLflow is off unless the arguments turn it on). The fit stops ``--seconds`` after the
-learning phase's first ``--skip`` steps (compilation, CUDA-graph capture), or at ``data.total_env_steps``.
+With no speed flags the fit runs with the defaults a user gets (``auto``: dime_lightning.auto); the JSON records the
+modes they resolved to. Everything after ``--`` goes to ``dime_lightning.fit`` unchanged (evaluation and checkpoints
+are pushed out of the measured window, MLflow is off unless the arguments turn it on). The fit stops ``--seconds``
+after the learning phase's first ``--skip`` steps (compilation, CUDA-graph capture), or at ``data.total_env_steps``.
 """
 
 from __future__ import annotations

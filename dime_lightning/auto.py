@@ -14,18 +14,20 @@ storage           'device' when the buffer takes at most      'memory'
                   memory, else 'memory'
 ================  ==========================================  ==============================================
 
-Why: on one CPU core "whole" ran the learning step at 0.19× eager's time at the dispatch-bound size and 0.83× at
-CPU size, but its two programs take about a minute to compile, so short runs (tests, smoke checks) stay eager.
-Several processes stay eager because "whole" runs in one process and the compiled losses have not been tested
-under DDP. The CUDA choices follow the GPU design (a launch-bound update); they have not been measured on a GPU.
+Why (BENCHMARKS.md, "Fast by default"): on one CPU core "whole" ran the learning step at 0.19× eager's time at the
+dispatch-bound size and 0.63× at CPU size, and the Pendulum demo's learning phase at 0.81×; but its two programs
+took 70 s (dispatch size) and 4.3 min (CPU size, the demo) to compile, which ≈ 7,000 and ≈ 6,100 learning steps earn
+back. The threshold leaves a margin, so that ``auto`` never makes a run slower: the demo (7,000 learning steps) stays
+eager. Several processes stay eager because "whole" runs in one process and the compiled losses have not been
+tested under DDP. The CUDA choices follow the GPU design (a launch-bound update); they have not been measured on a
+GPU.
 """
 
 from __future__ import annotations
 
-# learning env steps (data.total_env_steps − data.learning_starts) from which "whole" pays for its compile on a CPU:
-# ≈ 70 s of compile at the dispatch-bound size, where it saves ≈ 10 ms per learning step; at CPU size it saves
-# ≈ 28 ms per step
-WHOLE_MIN_LEARNING_STEPS = 5_000
+# learning env steps (data.total_env_steps − data.learning_starts) from which "whole" pays for its compile on a CPU,
+# with a margin (break-even measured at ≈ 6,100–7,000)
+WHOLE_MIN_LEARNING_STEPS = 10_000
 DEVICE_STORAGE_SHARE = 0.5  # of the free GPU memory, at most, for a replay buffer on the device
 
 

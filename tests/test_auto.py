@@ -29,14 +29,14 @@ def test_the_table() -> None:
     assert auto.storage("cpu", need_bytes=1, free_device_bytes=None) == "memory"
 
 
-def trainer(device: str, processes: int = 1, learning_env_steps: int | None = 7_000) -> SimpleNamespace:
+def trainer(device: str, processes: int = 1, learning_env_steps: int | None = 20_000) -> SimpleNamespace:
     """What DIMEModule.setup reads of a Trainer: world size, the strategy's device, the data module."""
     data = SimpleNamespace(learning_env_steps=learning_env_steps)
     return SimpleNamespace(world_size=processes, strategy=SimpleNamespace(root_device=torch.device(device)),
                            datamodule=data, lightning_module=None)
 
 
-def module_after_setup(device: str, processes: int = 1, learning_env_steps: int | None = 7_000,
+def module_after_setup(device: str, processes: int = 1, learning_env_steps: int | None = 20_000,
                        **kwargs) -> DIMEModule:
     module = DIMEModule(3, 1, **kwargs)
     module.trainer = trainer(device, processes, learning_env_steps)
@@ -46,10 +46,11 @@ def module_after_setup(device: str, processes: int = 1, learning_env_steps: int 
 
 @pytest.mark.parametrize(("device", "processes", "learning", "expected"), [
     ("cpu", 1, 300, {"compile": "none", "compile_act": "none"}),  # a smoke run
-    ("cpu", 1, 7_000, {"compile": "whole", "compile_act": "none"}),  # the Pendulum demo
+    ("cpu", 1, 7_000, {"compile": "none", "compile_act": "none"}),  # the Pendulum demo: at break-even
+    ("cpu", 1, 50_000, {"compile": "whole", "compile_act": "none"}),
     ("cuda", 1, 300, {"compile": "whole", "compile_act": "reduce-overhead"}),
-    ("cuda", 2, 7_000, {"compile": "none", "compile_act": "reduce-overhead"}),  # DDP
-    ("cpu", 2, 7_000, {"compile": "none", "compile_act": "none"}),
+    ("cuda", 2, 50_000, {"compile": "none", "compile_act": "reduce-overhead"}),  # DDP
+    ("cpu", 2, 50_000, {"compile": "none", "compile_act": "none"}),
 ])
 def test_the_module_resolves_auto_at_setup(device, processes, learning, expected) -> None:
     """Nothing runs on the (mocked) CUDA device: setup only chooses; compiling and capturing happen at first use."""

@@ -82,7 +82,8 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     fit = json.loads((tmp_path / "fit.json").read_text())
     assert fit["learning_env_steps"] > 0 and fit["warmup_env_steps"] == 99 and fit["compile_update"] == "none"
     summary = (tmp_path / "summary.md").read_text()
-    assert "paper_size_critic2048/none" in summary and "Real fit loop (none, cpu)" in summary
+    assert "paper_size_critic2048/none" in summary
+    assert "Real fit loop (compile none, compile_act none, storage memory; cpu)" in summary  # the modes as run
     assert (tmp_path / "jax.json").exists() or (tmp_path / "jax_skipped.txt").exists()
 
 
