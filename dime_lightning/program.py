@@ -27,6 +27,8 @@ from dime_lightning.temperature import Temperature
 from dime_lightning.update_settings import UpdateSettings
 
 PENDING = "pending_"  # critic.BatchRenorm's buffers for the statistics of the last train-mode forward
+# a minibatch's tensors in the order the compiled programs take them (critic_step)
+MINIBATCH_KEYS = ("observation", "action", ("next", "observation"), ("next", "reward"), ("next", "terminated"))
 
 
 class _Parts(nn.Module):
@@ -102,21 +104,24 @@ class StepProgram:
         self.parts = _Parts(actor, critic, temperature, target_actor)
         self.settings, self.nonfinite, self.skipped = settings, nonfinite, skipped
         names = {id(p): name for name, p in self.parts.named_parameters()}
-        self.groups = {}  # part -> (parameter names, parameters, optimizer states, hyperparameters)
+        # part -> (parameter names, optimizer states, hyperparameters). The parameters themselves are reached only
+        # through self.parts: a tensor reached by two paths costs Dynamo an aliasing guard evaluated in Python on
+        # every call
+        self.groups = {}
         for part, optimizer in optimizers.items():
             if optimizer is None:
                 continue
             ensure_adam_state(optimizer)
             (group,) = optimizer.param_groups
             params = list(group["params"])
-            self.groups[part] = ([names[id(p)] for p in params], params, [optimizer.state[p] for p in params], group)
+            self.groups[part] = ([names[id(p)] for p in params], [optimizer.state[p] for p in params], group)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the programs update in place, by name: parameters, buffers (batch-renorm statistics),
         optimizer state and the non-finite counters."""
         tensors = {f"{name}": p.data for name, p in self.parts.named_parameters()}
         tensors.update(self.parts.named_buffers())
-        for part, (names, _, states, _) in self.groups.items():
+        for part, (names, states, _) in self.groups.items():
             for name, state in zip(names, states, strict=True):
                 tensors.update({f"{part} optimizer {key} of {name}": value for key, value in state.items()})
         return {**tensors, "non-finite counts": self.nonfinite, "skipped updates": self.skipped}
@@ -142,7 +147,8 @@ class StepProgram:
     def step(self, part: str, grads: dict[str, torch.Tensor], loss: torch.Tensor, slot: int) -> torch.Tensor | None:
         """Adam on ``part``; counts a non-finite ``loss`` and, with "skip", leaves everything unchanged for it.
         Returns the finite flag where steps are undone (None otherwise)."""
-        names, params, states, group = self.groups[part]
+        names, states, group = self.groups[part]
+        params = dict(self.parts.named_parameters())
         keep = None
         if self.settings.check_finite:
             finite = torch.isfinite(loss)
@@ -151,8 +157,18 @@ class StepProgram:
                 keep = finite
                 assign_(self.skipped, self.skipped + (~finite).to(self.skipped.dtype))
         with torch.no_grad():
-            adam_([p.data for p in params], [grads[name] for name in names], states, group, keep)
+            adam_([params[name].data for name in names], [grads[name] for name in names], states, group, keep)
         return keep
+
+    def critic_step(self, *tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``critic_update`` on a minibatch given as its tensors (``MINIBATCH_KEYS``), returning a plain dict: what
+        "whole" compiles, so that each call's guards and outputs are plain tensors, not TensorDicts."""
+        minibatch = TensorDict(dict(zip(MINIBATCH_KEYS, tensors, strict=True)), batch_size=tensors[0].shape[:1])
+        return dict(self.critic_update(minibatch).items())
+
+    def actor_step(self, observation: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``actor_update`` on a minibatch's observations, returning a plain dict: what "whole" compiles."""
+        return dict(self.actor_update(TensorDict(observation=observation, batch_size=observation.shape[:1])).items())
 
     def critic_update(self, minibatch: TensorDict) -> TensorDict:
         s = self.settings

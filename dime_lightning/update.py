@@ -46,7 +46,7 @@ from torch import nn
 from dime_lightning.errors import BadInputError, NonFiniteError
 from dime_lightning.losses import actor_loss, critic_loss, temperature_loss
 from dime_lightning.optim import adam, gradient_norm, zero_nan_and_clip_gradients_
-from dime_lightning.program import StepProgram
+from dime_lightning.program import MINIBATCH_KEYS, StepProgram
 from dime_lightning.schedule import UpdateSchedule
 from dime_lightning.self_check import compare_runs
 from dime_lightning.temperature import Temperature
@@ -57,6 +57,9 @@ if TYPE_CHECKING:  # the updater knows no checkpoint: the module hands it the co
 
 NONFINITE_SLOTS = ("loss_critic", "loss_actor", "loss_alpha")
 CUDA_GRAPH_WARMUP = 3  # compiled calls run eagerly before each program's CUDA graph is captured
+# "whole"'s programs: noise from the eager generator (the self-check relies on it); no per-call re-check of the
+# input sizes and strides that Dynamo's guards have already checked (≈ 9 % of a call at the dispatch-bound size)
+INDUCTOR_OPTIONS = {"fallback_random": True, "size_asserts": False}
 
 
 def maybe_compile(fn: Callable, mode: str) -> Callable:
@@ -102,7 +105,7 @@ class DIMEUpdater:
         self.all_finite = all_finite or bool
         self.after_critic_step = after_critic_step or (lambda: None)
         self._program: StepProgram | None = None  # "whole": built at the first env step, on the optimizers' state
-        self._compiled: dict[str, Callable[[TensorDict], TensorDict]] = {}  # "whole": its two programs, compiled
+        self._compiled: dict[str, Callable[..., dict[str, torch.Tensor]]] = {}  # "whole": its two programs, compiled
         self._captured = False  # "whole": whether they replay as CUDA graphs
         # "auto" is resolved by the caller, which knows device, processes and run length (DIMEModule.setup, through
         # dime_lightning.auto): until then, and for framework-free use, the update runs eagerly
@@ -274,22 +277,24 @@ class DIMEUpdater:
                     self._fall_back_to_eager(reason)
                     return self(sample)
         mark_compiled_step()  # for CUDA-graph trees of compiled acting: a new step begins
-        out = TensorDict()
-        for minibatch, actor_due in zip(sample.unbind(0), self.phase(), strict=True):  # (utd, B) -> utd × (B,)
-            out.update(self._compiled["critic"](minibatch))  # a replayed graph's outputs are kept until its next
-            self.critic_updates += 1                         # replay: only the last of each is returned
-            if actor_due:
-                out.update(self._compiled["actor"](minibatch))
-                self.actor_updates += 1
-        return out
+        columns = [sample.get(key) for key in MINIBATCH_KEYS]  # (utd, B, ...) each
+        out: dict[str, torch.Tensor] = {}
+        with torch.no_grad():  # the programs take their gradients themselves (torch.func): inference graphs
+            for i, actor_due in enumerate(self.phase()):
+                out.update(self._compiled["critic"](*(column[i] for column in columns)))  # a replayed graph's
+                self.critic_updates += 1  # outputs are kept until its next replay: only the last is returned
+                if actor_due:
+                    out.update(self._compiled["actor"](columns[0][i]))
+                    self.actor_updates += 1
+        return TensorDict(out)
 
     def _compile(self, cuda: bool) -> None:
-        """The two programs, each one graph (``fullgraph`` fails loudly on any graph break), drawing their noise
-        from the eager generator (inductor's ``fallback_random``: what the self-check relies on); on CUDA each is
-        replayed as one CUDA graph."""
+        """The two programs, each one graph (``fullgraph`` fails loudly on any graph break; ``INDUCTOR_OPTIONS``),
+        taking a minibatch's tensors and returning a plain dict (program.py: ``critic_step``, ``actor_step``); on
+        CUDA each is replayed as one CUDA graph."""
         program = self.program()
-        for name, fn in (("critic", program.critic_update), ("actor", program.actor_update)):
-            fn = torch.compile(fn, fullgraph=True, options={"fallback_random": True})
+        for name, fn in (("critic", program.critic_step), ("actor", program.actor_step)):
+            fn = torch.compile(fn, fullgraph=True, options=INDUCTOR_OPTIONS)
             if cuda:
                 from tensordict.nn import CudaGraphModule  # CUDA only; it changes how TensorDicts are flattened
 
@@ -304,23 +309,26 @@ class DIMEUpdater:
         restored afterwards. Returns what disagrees, or None."""
         if not self._compiled:
             self._compile(cuda=sample.device is not None and sample.device.type == "cuda")
-        program, minibatches = self.program(), sample.unbind(0)
-        plan, n = [], self.critic_updates  # (minibatch, actor due) in the schedule's order from here
+        program, columns = self.program(), [sample.get(key) for key in MINIBATCH_KEYS]
+        plan, n = [], self.critic_updates  # (minibatch index, actor due) in the schedule's order from here
         while sum(due for _, due in plan) < CUDA_GRAPH_WARMUP + 3:  # warm-up calls, the capture, two replays
             n += 1
-            plan.append((minibatches[len(plan) % len(minibatches)], self.schedule.actor_due(n)))
+            plan.append((len(plan) % self.schedule.utd, self.schedule.actor_due(n)))
 
+        @torch.no_grad()  # as in _whole_step
         def run(critic: Callable, actor: Callable) -> dict[str, torch.Tensor]:
             outputs = {}
-            for i, (minibatch, due) in enumerate(plan):
+            for step, (i, due) in enumerate(plan):
                 mark_compiled_step()
-                results = [("critic", critic(minibatch))] + ([("actor", actor(minibatch))] if due else [])
-                outputs.update({f"update {i} {kind}: {key}": value.clone() for kind, out in results
+                results = [("critic", critic(*(column[i] for column in columns)))]
+                if due:
+                    results.append(("actor", actor(columns[0][i])))
+                outputs.update({f"update {step} {kind}: {key}": value.clone() for kind, out in results
                                 for key, value in out.items()})
             return outputs
 
         return compare_runs(program.tensors(), lambda: run(self._compiled["critic"], self._compiled["actor"]),
-                            lambda: run(program.critic_update, program.actor_update))
+                            lambda: run(program.critic_step, program.actor_step))
 
     def _fall_back_to_eager(self, reason: str) -> None:
         warnings.warn(f"model.update.compile 'whole': the compiled update disagreed with the eager one in the start-up "

@@ -153,7 +153,7 @@ def test_whole_step_reads_nothing_back_to_the_host(no_compile) -> None:
     assert len(counter.seen) >= 3
 
 
-@pytest.mark.parametrize("update", ["critic_update", "actor_update"])
+@pytest.mark.parametrize("update", ["critic_step", "actor_step"])
 def test_whole_mode_programs_are_one_graph_each(update) -> None:
     """The critic program and the actor (+ temperature + target) program each trace into exactly one graph with
     no break (Dynamo's explain: tracing only; "whole" compiles them with fullgraph=True as well)."""
@@ -162,7 +162,10 @@ def test_whole_mode_programs_are_one_graph_each(update) -> None:
     updater = DIMEUpdater(actor, critic, temperature, make_target_actor(actor, 0.5),
                           settings=UpdateSettings(compile="whole", policy_tau=0.5))
     updater.build_optimizers()
-    explained = torch._dynamo.explain(getattr(updater.program(), update))(transitions())
+    minibatch = transitions()
+    args = [minibatch.get(key) for key in program_module.MINIBATCH_KEYS] if update == "critic_step" else [
+        minibatch["observation"]]
+    explained = torch._dynamo.explain(getattr(updater.program(), update))(*args)
     assert [reason.reason for reason in explained.break_reasons] == []
     assert explained.graph_count == 1
 
@@ -282,8 +285,8 @@ def test_start_up_self_check_agrees_leaves_no_trace_and_falls_back_on_a_mismatch
         compile_programs(cuda=False)
         compiled_critic = updater._compiled["critic"]
 
-        def critic_update(minibatch: TensorDict) -> TensorDict:
-            out = compiled_critic(minibatch)
+        def critic_update(*tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = compiled_critic(*tensors)
             with torch.no_grad():
                 next(modules[1].parameters()).add_(0.5)
             return out
