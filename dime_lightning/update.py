@@ -12,7 +12,9 @@ detached diagnostics. No Lightning, no MLflow, no env: ``DIMEModule.training_ste
 The settings (discount, schedule, learning rates, clipping, non-finite handling, compile mode) are one
 ``update_settings.UpdateSettings``. Its ``compile`` selects how the step runs:
 
-- ``"none"``: eager PyTorch (the default).
+- ``"auto"`` (the default): chosen by the caller from device, processes and run length (``dime_lightning.auto``,
+  through ``set_mode``); eager until then.
+- ``"none"``: eager PyTorch.
 - ``"default"`` / ``"reduce-overhead"``: the two loss functions through ``torch.compile`` (with CUDA graphs for
   ``reduce-overhead``); backward passes, clipping and optimizer steps run eagerly between them.
 - ``"whole"``: the *whole* env step — every forward, gradient, clipping and optimizer step of critic, actor
@@ -23,7 +25,8 @@ The settings (discount, schedule, learning rates, clipping, non-finite handling,
   tensor back to the host: the non-finite check is a device-side count that ``check_nonfinite()`` reads (one
   sync) at the caller's cadence. With ``nonfinite="skip"`` a step whose loss is non-finite changes nothing
   (parameters, optimizer state and batch-renorm statistics kept with ``torch.where``); skipped steps still
-  count as updates.
+  count as updates. On CUDA the captured programs are first checked against the same programs run eagerly
+  (``self_check``; self_check.py); on a mismatch the updater warns once and continues eagerly.
 
 Trainer hooks for the eager and compiled-loss modes (all optional; the defaults are plain PyTorch):
 ``backward(loss)`` and ``optimizer_step(optimizer)`` (Lightning's ``manual_backward`` and its optimizer
@@ -296,7 +299,7 @@ class DIMEUpdater:
         for name, fn in (("critic", program.critic_step), ("actor", program.actor_step)):
             fn = torch.compile(fn, fullgraph=True, options=INDUCTOR_OPTIONS)
             if cuda:
-                from tensordict.nn import CudaGraphModule  # CUDA only; it changes how TensorDicts are flattened
+                from tensordict.nn import CudaGraphModule  # CUDA only
 
                 # warm-up calls (compiled, run eagerly) before the capture: nothing compiles during it
                 fn = CudaGraphModule(fn, warmup=CUDA_GRAPH_WARMUP, in_keys=[], out_keys=[])
