@@ -173,6 +173,7 @@ class MLflowRunInfo(Callback):
         self.config_yaml = config_yaml
         self.resumed = resumed
         self.source = source  # a new run continuing checkpoints of a run in another store: tagged with where from
+        self._modes: dict[str, str] | None = None  # the speed modes last tagged (DIMEModule.modes)
 
     @rank_zero_only
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -180,8 +181,9 @@ class MLflowRunInfo(Callback):
         if not isinstance(logger, MLFlowLogger):
             return
         tags = run_tags(self.config)  # also on resume: runs of earlier versions get them
-        if hasattr(pl_module, "modes"):  # what "auto" resolved to in this start
-            tags.update(mode_tags(pl_module.modes, getattr(trainer.datamodule, "storage", None)))
+        self._modes = getattr(pl_module, "modes", None)
+        if self._modes is not None:  # what "auto" resolved to in this start
+            tags.update(mode_tags(self._modes, getattr(trainer.datamodule, "storage", None)))
         for key, value in tags.items():
             logger.experiment.set_tag(logger.run_id, key, value)
         if self.resumed:  # params are immutable in MLflow: a resumed run keeps the ones it started with
@@ -197,6 +199,16 @@ class MLflowRunInfo(Callback):
         logger.experiment.log_text(logger.run_id, self.config_yaml, "config.yaml")
         for key, value in (self.source or {}).items():
             logger.experiment.set_tag(logger.run_id, f"dime.source_{key}", str(value))
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Re-tag the run when a mode changed during it (the CUDA self-check's fall-back to eager updates)."""
+        modes = getattr(pl_module, "modes", None)
+        if modes is None or modes == self._modes or not isinstance(trainer.logger, MLFlowLogger):
+            return
+        self._modes = modes
+        for key, value in mode_tags(modes, None).items():
+            trainer.logger.experiment.set_tag(trainer.logger.run_id, key, value)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         logger = trainer.logger

@@ -1,11 +1,13 @@
 """DIMEMLFlowLogger through MLFlowLogger's public API: every write queued, nothing opened when nothing was logged,
-a resumed run continues without duplicate steps."""
+a resumed run continues without duplicate steps; MLflowRunInfo's tags of the speed modes as run."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import mlflow
 
-from dime_lightning.tracking import DIMEMLFlowLogger
+from dime_lightning.tracking import DIMEMLFlowLogger, MLflowRunInfo
 from dime_lightning.tracking_queue import QueuedClient
 
 
@@ -42,3 +44,21 @@ def test_a_resumed_run_drops_the_steps_it_already_has(tmp_path) -> None:
     history = [(m.step, m.value) for m in client.get_metric_history(first.run_id, "loss")]
     assert sorted(history) == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
     assert client.get_run(first.run_id).info.status == "FINISHED"
+
+
+def test_the_speed_modes_are_tagged_as_run_and_again_when_one_changes(tmp_path) -> None:
+    """MLflowRunInfo tags what "auto" resolved to at the start, and re-tags when the update's mode changes during the
+    run (the CUDA self-check's fall-back to eager: update.py)."""
+    logger = make(tmp_path)
+    trainer = SimpleNamespace(logger=logger, datamodule=SimpleNamespace(storage="device"))
+    module = SimpleNamespace(modes={"compile": "whole", "compile_act": "reduce-overhead"}, env_steps=0)
+    config = {"model": {"update": {"compile": "auto"}}, "data": {"env_id": "Pendulum-v1"}}
+    info = MLflowRunInfo(config, "", resumed=True)
+    info.on_fit_start(trainer, module)
+    info.on_train_batch_end(trainer, module, None, None, 0)  # nothing changed: nothing written
+    module.modes = {"compile": "none", "compile_act": "reduce-overhead"}
+    info.on_train_batch_end(trainer, module, None, None, 1)
+    logger.finalize("success")
+    tags = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(logger.run_id).data.tags
+    assert (tags["dime.compile"], tags["dime.compile_act"], tags["dime.storage"]) == ("none", "reduce-overhead",
+                                                                                      "device")
