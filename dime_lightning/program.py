@@ -119,7 +119,7 @@ class StepProgram:
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the programs update in place, by name: parameters, buffers (batch-renorm statistics),
         optimizer state and the non-finite counters."""
-        tensors = {f"{name}": p.data for name, p in self.parts.named_parameters()}
+        tensors = {name: p.data for name, p in self.parts.named_parameters()}
         tensors.update(self.parts.named_buffers())
         for part, (names, states, _) in self.groups.items():
             for name, state in zip(names, states, strict=True):

@@ -30,8 +30,11 @@ def changes(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> 
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """‖got − want‖ / max(‖want‖, ‖got‖, tiny): 0 when equal, ~1 when unrelated; non-finite counts as 1."""
+    """‖got − want‖ / max(‖want‖, ‖got‖, tiny): 0 when equal, ~1 when unrelated. NaN where both have NaN agrees;
+    any other non-finite value counts as 1 unless both are identical."""
     got, want = got.double(), want.double()
+    both_nan = got.isnan() & want.isnan()
+    got, want = got.masked_fill(both_nan, 0.0), want.masked_fill(both_nan, 0.0)
     if not (torch.isfinite(got).all() and torch.isfinite(want).all()):
         return 0.0 if torch.equal(got, want) else 1.0
     scale = max(float(want.norm()), float(got.norm()), 1e-12)

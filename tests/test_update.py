@@ -304,3 +304,15 @@ def test_start_up_self_check_agrees_leaves_no_trace_and_falls_back_on_a_mismatch
                for step in [s["step"]])  # where eager Adam keeps its step counts
     updater(data[2])  # eager from here
     assert updater.counters()["critic_updates"] == 6
+
+
+def test_self_check_comparison_names_the_worst_tensor() -> None:
+    from dime_lightning.self_check import mismatch, relative_error
+
+    nan, inf = float("nan"), float("inf")
+    assert relative_error(torch.tensor([1.0, nan]), torch.tensor([1.0, nan])) == 0.0  # NaN in both agrees
+    assert relative_error(torch.tensor([1.0, inf]), torch.tensor([1.0, 2.0])) == 1.0
+    assert relative_error(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0 + 1e-6])) < 1e-6
+    message = mismatch({"a": torch.ones(3), "b": torch.zeros(3)}, {"a": torch.ones(3), "b": torch.ones(3)})
+    assert message is not None and message.startswith("b differs by 1 ")
+    assert mismatch({"a": torch.ones(3)}, {"a": torch.ones(3) * (1 + 1e-4)}) is None
