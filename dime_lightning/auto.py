@@ -7,7 +7,8 @@ setting           CUDA                                        CPU
 ================  ==========================================  ==============================================
 update compile    'whole' in one process (checked at start-up  'whole' in one process when the run has at least
                   against eager, eager on a mismatch);        ``WHOLE_MIN_LEARNING_STEPS`` learning env steps,
-                  'none' with several processes               else 'none'; 'none' with several processes
+                  'none' with several processes or bf16       else 'none'; 'none' with several processes or
+                                                              bf16
 compile_act       'reduce-overhead' (acting as a CUDA graph)  'none'
 storage           'device' when the buffer takes at most      'memory'
                   ``DEVICE_STORAGE_SHARE`` of the free GPU
@@ -19,8 +20,8 @@ dispatch-bound size and 0.63× at CPU size, and the Pendulum demo's learning pha
 took 70 s (dispatch size) and 4.3 min (CPU size, the demo) to compile, which ≈ 7,000 and ≈ 6,100 learning steps earn
 back. The threshold leaves a margin, so that ``auto`` never makes a run slower: the demo (7,000 learning steps) stays
 eager. Several processes stay eager because "whole" runs in one process and the compiled losses have not been
-tested under DDP. The CUDA choices follow the GPU design (a launch-bound update); they have not been measured on a
-GPU.
+tested under DDP; bf16-mixed stays eager because that is the combination its tests cover. The CUDA choices follow
+the GPU design (a launch-bound update); they have not been measured on a GPU.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ WHOLE_MIN_LEARNING_STEPS = 10_000
 DEVICE_STORAGE_SHARE = 0.5  # of the free GPU memory, at most, for a replay buffer on the device
 
 
-def update_mode(device_type: str, processes: int, learning_env_steps: int | None) -> str:
-    """The update's compile mode for ``auto``. ``learning_env_steps`` None: unknown (eager on a CPU)."""
-    if processes > 1:
+def update_mode(device_type: str, processes: int, learning_env_steps: int | None, mixed_precision: bool = False) -> str:
+    """The update's compile mode for ``auto``. ``learning_env_steps`` None: unknown (eager on a CPU).
+    ``mixed_precision`` (bf16-mixed): eager, the combination tested with it."""
+    if processes > 1 or mixed_precision:
         return "none"
     if device_type == "cuda":
         return "whole"

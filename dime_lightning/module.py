@@ -114,7 +114,8 @@ class DIMEModule(pl.LightningModule):
         if self.settings.compile == AUTO:
             data = getattr(self.trainer, "datamodule", None)
             learning = getattr(data, "learning_env_steps", None)
-            self.updater.set_mode(auto.update_mode(device.type, processes, learning))
+            mixed = "mixed" in str(getattr(self.trainer, "precision", "32-true"))
+            self.updater.set_mode(auto.update_mode(device.type, processes, learning, mixed))
         if self.hparams.compile_act == AUTO:
             self._act_mode = auto.act_mode(device.type)
             self._act = maybe_compile(self.actor.act, self._act_mode)

@@ -23,23 +23,25 @@ def test_the_table() -> None:
     assert auto.update_mode("cpu", 1, None) == "none"  # unknown length: eager
     assert auto.update_mode("cuda", 1, short) == "whole"
     assert auto.update_mode("cuda", 2, long) == auto.update_mode("cpu", 2, long) == "none"  # DDP
+    assert auto.update_mode("cuda", 1, long, mixed_precision=True) == "none"  # bf16-mixed: the tested eager path
     assert (auto.act_mode("cuda"), auto.act_mode("cpu")) == ("reduce-overhead", "none")
     assert auto.storage("cuda", need_bytes=10, free_device_bytes=20) == "device"
     assert auto.storage("cuda", need_bytes=11, free_device_bytes=20) == "memory"  # over half the free memory
     assert auto.storage("cpu", need_bytes=1, free_device_bytes=None) == "memory"
 
 
-def trainer(device: str, processes: int = 1, learning_env_steps: int | None = 20_000) -> SimpleNamespace:
-    """What DIMEModule.setup reads of a Trainer: world size, the strategy's device, the data module."""
+def trainer(device: str, processes: int = 1, learning_env_steps: int | None = 20_000,
+            precision: str = "32-true") -> SimpleNamespace:
+    """What DIMEModule.setup reads of a Trainer: world size, the strategy's device, the data module, precision."""
     data = SimpleNamespace(learning_env_steps=learning_env_steps)
     return SimpleNamespace(world_size=processes, strategy=SimpleNamespace(root_device=torch.device(device)),
-                           datamodule=data, lightning_module=None)
+                           datamodule=data, lightning_module=None, precision=precision)
 
 
 def module_after_setup(device: str, processes: int = 1, learning_env_steps: int | None = 20_000,
-                       **kwargs) -> DIMEModule:
+                       precision: str = "32-true", **kwargs) -> DIMEModule:
     module = DIMEModule(3, 1, **kwargs)
-    module.trainer = trainer(device, processes, learning_env_steps)
+    module.trainer = trainer(device, processes, learning_env_steps, precision)
     module.setup("fit")
     return module
 
@@ -61,6 +63,11 @@ def test_the_module_resolves_auto_at_setup(device, processes, learning, expected
     assert module.hparams["update"]["compile"] == "auto"  # checkpoints keep the setting, not its resolution
     deferred = {m.defer_statistics for m in module.critic.modules() if isinstance(m, BatchRenorm)}
     assert deferred == {expected["compile"] != "none"}  # compiled updates apply batch-renorm statistics after backward
+
+
+def test_bf16_mixed_keeps_the_update_eager() -> None:
+    assert module_after_setup("cuda", precision="bf16-mixed").modes == {"compile": "none",
+                                                                        "compile_act": "reduce-overhead"}
 
 
 def test_explicit_modes_are_kept_and_whole_is_refused_under_ddp() -> None:
