@@ -173,7 +173,8 @@ class ReplayDataModule(pl.LightningDataModule):
     def build_buffer(self) -> TensorDictReplayBuffer:
         hp = self.hparams
         size = self._local(hp.buffer_size)
-        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        strategy = getattr(self.trainer, "strategy", None)  # none outside a Trainer: the CPU
+        device = strategy.root_device if strategy is not None else torch.device("cpu")
         kind = self.storage_for(device)
         if kind == "memmap":
             scratch = None
