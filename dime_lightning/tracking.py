@@ -173,7 +173,7 @@ class MLflowRunInfo(Callback):
         self.config_yaml = config_yaml
         self.resumed = resumed
         self.source = source  # a new run continuing checkpoints of a run in another store: tagged with where from
-        self._modes: dict[str, str] | None = None  # the speed modes last tagged (DIMEModule.modes)
+        self._unchecked_modes: dict[str, str] | None = None  # the modes tagged at start, until the first update
 
     @rank_zero_only
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -181,9 +181,9 @@ class MLflowRunInfo(Callback):
         if not isinstance(logger, MLFlowLogger):
             return
         tags = run_tags(self.config)  # also on resume: runs of earlier versions get them
-        self._modes = getattr(pl_module, "modes", None)
-        if self._modes is not None:  # what "auto" resolved to in this start
-            tags.update(mode_tags(self._modes, getattr(trainer.datamodule, "storage", None)))
+        self._unchecked_modes = getattr(pl_module, "modes", None)
+        if self._unchecked_modes is not None:  # what "auto" resolved to in this start
+            tags.update(mode_tags(self._unchecked_modes, getattr(trainer.datamodule, "storage", None)))
         for key, value in tags.items():
             logger.experiment.set_tag(logger.run_id, key, value)
         if self.resumed:  # params are immutable in MLflow: a resumed run keeps the ones it started with
@@ -202,11 +202,14 @@ class MLflowRunInfo(Callback):
 
     @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        """Re-tag the run when a mode changed during it (the CUDA self-check's fall-back to eager updates)."""
-        modes = getattr(pl_module, "modes", None)
-        if modes is None or modes == self._modes or not isinstance(trainer.logger, MLFlowLogger):
+        """Once, after the first env step with updates (the CUDA self-check runs before the first update): re-tag the
+        run if its update mode changed (the self-check's fall-back to eager updates). Nothing on later steps."""
+        if self._unchecked_modes is None or not getattr(pl_module, "critic_updates", 0):
             return
-        self._modes = modes
+        tagged, self._unchecked_modes = self._unchecked_modes, None  # checked once
+        modes = pl_module.modes
+        if modes == tagged or not isinstance(trainer.logger, MLFlowLogger):
+            return
         for key, value in mode_tags(modes, None).items():
             trainer.logger.experiment.set_tag(trainer.logger.run_id, key, value)
 

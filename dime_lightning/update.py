@@ -273,14 +273,14 @@ class DIMEUpdater:
 
     def _whole_step(self, sample: TensorDict) -> TensorDict:
         if not self._compiled:
-            self._compile(cuda=sample.device is not None and sample.device.type == "cuda")
+            self._compile(sample)
             if self._captured:
                 reason = self.self_check(sample)
                 if reason is not None:
                     self._fall_back_to_eager(reason)
                     return self(sample)
         mark_compiled_step()  # for CUDA-graph trees of compiled acting: a new step begins
-        columns = [sample.get(key) for key in MINIBATCH_KEYS]  # (utd, B, ...) each
+        columns = _columns(sample)
         out: dict[str, torch.Tensor] = {}
         with torch.no_grad():  # the programs take their gradients themselves (torch.func): inference graphs
             for i, actor_due in enumerate(self.phase()):
@@ -291,10 +291,11 @@ class DIMEUpdater:
                     self.actor_updates += 1
         return TensorDict(out)
 
-    def _compile(self, cuda: bool) -> None:
+    def _compile(self, sample: TensorDict) -> None:
         """The two programs, each one graph (``fullgraph`` fails loudly on any graph break; ``INDUCTOR_OPTIONS``),
         taking a minibatch's tensors and returning a plain dict (program.py: ``critic_step``, ``actor_step``); on
         CUDA each is replayed as one CUDA graph."""
+        cuda = sample.device is not None and sample.device.type == "cuda"
         program = self.program()
         for name, fn in (("critic", program.critic_step), ("actor", program.actor_step)):
             fn = torch.compile(fn, fullgraph=True, options=INDUCTOR_OPTIONS)
@@ -311,8 +312,8 @@ class DIMEUpdater:
         minibatches of ``sample``, over enough updates that each captured program is replayed twice; the state is
         restored afterwards. Returns what disagrees, or None."""
         if not self._compiled:
-            self._compile(cuda=sample.device is not None and sample.device.type == "cuda")
-        program, columns = self.program(), [sample.get(key) for key in MINIBATCH_KEYS]
+            self._compile(sample)
+        program, columns = self.program(), _columns(sample)
         plan, n = [], self.critic_updates  # (minibatch index, actor due) in the schedule's order from here
         while sum(due for _, due in plan) < CUDA_GRAPH_WARMUP + 3:  # warm-up calls, the capture, two replays
             n += 1
@@ -377,6 +378,11 @@ class DIMEUpdater:
         self.critic_updates = counters.critic_updates
         self.actor_updates = counters.actor_updates
         self.skipped_updates = counters.skipped_updates
+
+
+def _columns(sample: TensorDict) -> list[torch.Tensor]:
+    """The (utd, B, ...) tensors of ``sample`` in the order the "whole" programs take a minibatch's."""
+    return [sample.get(key) for key in MINIBATCH_KEYS]
 
 
 def make_target_actor(actor: nn.Module, policy_tau: float) -> nn.Module | None:

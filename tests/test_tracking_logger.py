@@ -47,16 +47,18 @@ def test_a_resumed_run_drops_the_steps_it_already_has(tmp_path) -> None:
 
 
 def test_the_speed_modes_are_tagged_as_run_and_again_when_one_changes(tmp_path) -> None:
-    """MLflowRunInfo tags what "auto" resolved to at the start, and re-tags when the update's mode changes during the
-    run (the CUDA self-check's fall-back to eager: update.py)."""
+    """MLflowRunInfo tags what "auto" resolved to at the start, and re-tags once after the first update if the
+    update's mode changed (the CUDA self-check's fall-back to eager: update.py)."""
     logger = make(tmp_path)
     trainer = SimpleNamespace(logger=logger, datamodule=SimpleNamespace(storage="device"))
-    module = SimpleNamespace(modes={"compile": "whole", "compile_act": "reduce-overhead"}, env_steps=0)
+    module = SimpleNamespace(modes={"compile": "whole", "compile_act": "reduce-overhead"}, env_steps=0,
+                             critic_updates=0)
     config = {"model": {"update": {"compile": "auto"}}, "data": {"env_id": "Pendulum-v1"}}
     info = MLflowRunInfo(config, "", resumed=True)
     info.on_fit_start(trainer, module)
-    info.on_train_batch_end(trainer, module, None, None, 0)  # nothing changed: nothing written
-    module.modes = {"compile": "none", "compile_act": "reduce-overhead"}
+    info.on_train_batch_end(trainer, module, None, None, 0)  # random warm-up: not checked yet
+    module.modes = {"compile": "none", "compile_act": "reduce-overhead"}  # the self-check fell back
+    module.critic_updates = 2
     info.on_train_batch_end(trainer, module, None, None, 1)
     logger.finalize("success")
     tags = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(logger.run_id).data.tags

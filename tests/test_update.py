@@ -281,8 +281,8 @@ def test_start_up_self_check_agrees_leaves_no_trace_and_falls_back_on_a_mismatch
 
     compile_programs = updater._compile
 
-    def compile_with_a_stale_write(cuda: bool) -> None:  # e.g. a replay that writes one tensor wrong
-        compile_programs(cuda=False)
+    def compile_with_a_stale_write(sample: TensorDict) -> None:  # e.g. a replay that writes one tensor wrong
+        compile_programs(sample)  # on the CPU: not captured
         compiled_critic = updater._compiled["critic"]
 
         def critic_update(*tensors: torch.Tensor) -> dict[str, torch.Tensor]:
