@@ -1,10 +1,10 @@
-"""What verified buffer dumps cost: TorchRL's dump, writing its manifest (SHA-256 of every file), verifying it.
+"""What verified buffer dumps cost: the replay ring's dump, writing its manifest (SHA-256 of every file), verifying it.
 
     python benchmarks/dump_verify.py --transitions 1000000 --obs-dim 105 --action-dim 8 \
         --out benchmarks/results/dump_verify.json
 
-A ``TensorDictReplayBuffer`` of ``--transitions`` transitions with the fit's keys (Ant-v5 shapes by default:
-a full paper-size buffer) is filled with random data, dumped with ``ReplayBuffer.dumps`` into a temporary folder
+A ``ReplayRing`` of ``--transitions`` transitions with the fit's keys (Ant-v5 shapes by default: a full
+paper-size buffer) is filled with random data, dumped with ``ReplayRing.dump`` into a temporary folder
 beside ``--dir``, then ``write_manifest`` and ``verify_dump`` run on it; each is timed once (the page cache is
 warm for the last two: the dump has just been written).
 """
@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-from tensordict import TensorDict
-from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
 
 from dime_lightning.buffer_dump import verify_dump, write_manifest
+from dime_lightning.replay import ReplayRing, transition_layout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,15 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     n = args.transitions
-    buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(n), batch_size=256)
-    batch = TensorDict({"observation": torch.randn(n, args.obs_dim), "action": torch.rand(n, args.action_dim),
-                        "next": {"observation": torch.randn(n, args.obs_dim), "reward": torch.randn(n, 1),
-                                 "terminated": torch.zeros(n, 1, dtype=torch.bool)}}, batch_size=[n])
-    buffer.extend(batch)
+    buffer = ReplayRing(n, transition_layout(args.obs_dim, args.action_dim))
+    for leaf in buffer.leaves.values():  # every row filled, as in a full buffer
+        values = torch.randn(leaf.shape)
+        leaf.copy_(values > 0 if leaf.dtype == torch.bool else values)
+    buffer.written = n
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         times = {}
         began = time.perf_counter()
-        buffer.dumps(Path(folder) / "rank0")
+        (Path(folder) / "rank0").mkdir()
+        buffer.dump(Path(folder) / "rank0")
         times["dumps_s"] = time.perf_counter() - began
         began = time.perf_counter()
         digest = write_manifest(Path(folder) / "rank0")

@@ -12,8 +12,11 @@
 - ``update``: ms of updates per env step (2 critic updates + 2/3 actor and temperature update) for the
   diffusion and the Gaussian actor, at CPU size (critic 256) and paper size (critic 2048), Ant-v5 shapes.
 - ``act``: ms per action at batch 1 and actions/s at batch 256, diffusion (16 steps) and Gaussian.
-- ``memory``: peak RSS of a process holding a full 1M-transition buffer at Ant-v5 and Humanoid-v5 shapes,
-  ``LazyTensorStorage`` (RAM) vs ``LazyMemmapStorage`` (files; its size on disk reported too).
+- ``memory``: peak RSS of a process holding a full 1M-transition replay ring at Ant-v5 and Humanoid-v5 shapes,
+  ``memory`` (RAM) vs ``memmap`` (files; its size on disk reported too).
+- ``framework``: the framework's cost per env step, part by part (collector, buffer write, sample, logging,
+  callbacks, Lightning), in the real fit loop at the dispatch size, in the warm-up and the learning phase, with
+  the progress bar off and on (``framework_parts.py``).
 - ``dispatch``: the launch-bound regime, on a CPU: the real fit loop at tiny sizes (1 diffusion step, width 8,
   batch 8), where a learning step costs almost only per-op dispatch; env steps/s in the random warm-up and in
   the learning phase, per compile mode (``--compile none whole``).
@@ -49,6 +52,7 @@ from tensordict import TensorDict
 from dime_lightning.actor import DiffusionActor
 from dime_lightning.critic import DistributionalCritic
 from dime_lightning.gaussian import TanhGaussianActor
+from dime_lightning.replay import ReplayRing, transition_layout
 from dime_lightning.temperature import Temperature
 from dime_lightning.update import DIMEUpdater, maybe_compile
 from dime_lightning.update_settings import UpdateSettings
@@ -114,7 +118,7 @@ TINY_NETWORKS = ["--model.actor.init_args.num_steps", "1", "--model.actor.init_a
 
 
 def fit_loop(steps: int, workdir: Path, tiny: bool, extra: list[str] = (), skip: int = 1,
-             learning_starts: int = 300) -> tuple[PhaseTimer, object]:
+             learning_starts: int = 300, callbacks: list[Callback] = ()) -> tuple[PhaseTimer, object]:
     """The real fit loop on Pendulum (evaluation, checkpoints and artifacts off) with a ``PhaseTimer``."""
     from dime_lightning.fit import build_cli
 
@@ -128,7 +132,7 @@ def fit_loop(steps: int, workdir: Path, tiny: bool, extra: list[str] = (), skip:
                      "--mlflow.tracking_uri", f"sqlite:///{workdir / 'mlflow.db'}",
                      "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *extra])
     timer = PhaseTimer(learning_starts, skip)
-    cli.trainer.callbacks.append(timer)
+    cli.trainer.callbacks.extend([timer, *callbacks])
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return timer, cli
 
@@ -153,20 +157,19 @@ def dispatch(modes: list[str], steps: int, workdir: Path) -> dict[str, dict[str,
 
 
 def bare_loop_steps_per_second(cli, steps: int) -> float:
-    """Same module classes and sizes as the fit loop (fresh copies), batches from a filled TorchRL buffer."""
-    from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+    """Same module classes and sizes as the fit loop (fresh copies), batches from a filled replay ring."""
+    import copy
 
     model, data = cli.model, cli.datamodule
     obs_dim, action_dim, batch = data.obs_dim, data.action_dim, data.hparams.batch_size
-    buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(10_000), batch_size=2 * batch)
-    buffer.extend(random_batch(obs_dim, action_dim, 10_000))
-    import copy
-
+    buffer = ReplayRing(10_000, transition_layout(obs_dim, action_dim))
+    for row in random_batch(obs_dim, action_dim, 10_000).unbind(0):
+        buffer.add(row)
     update = updater(copy.deepcopy(model.actor), copy.deepcopy(model.critic), copy.deepcopy(model.temperature))
-    update(buffer.sample().reshape(2, batch))
+    update(buffer.sample(2, batch))
     start = time.perf_counter()
     for _ in range(steps):
-        update(buffer.sample().reshape(2, batch))  # (2·B,) -> (utd, B)
+        update(buffer.sample(2, batch))  # (utd, B)
     return steps / (time.perf_counter() - start)
 
 
@@ -252,19 +255,19 @@ def speed(device: torch.device, mode: str, width: int, hidden: int, repeats: int
 
 MEMORY_CHILD = """
 import sys, tempfile, torch
-from torchrl.data import LazyMemmapStorage, LazyTensorStorage, TensorDictReplayBuffer
-from tensordict import TensorDict
+from pathlib import Path
+from dime_lightning.replay import ReplayRing, transition_layout
 obs, act, size, kind = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 scratch = tempfile.mkdtemp()
-storage = LazyTensorStorage(size) if kind == "memory" else LazyMemmapStorage(size, scratch_dir=scratch)
-buffer = TensorDictReplayBuffer(storage=storage, batch_size=256)
+buffer = ReplayRing(size, transition_layout(obs, act), kind, scratch=Path(scratch))
 chunk = 50_000
-for i in range(0, size, chunk):
+for i in range(0, size, chunk):  # the rows filled in chunks (as a full buffer holds them), then one sample
     n = min(chunk, size - i)
-    buffer.extend(TensorDict({"observation": torch.randn(n, obs), "action": torch.rand(n, act),
-        ("next", "observation"): torch.randn(n, obs), ("next", "reward"): torch.randn(n, 1),
-        ("next", "terminated"): torch.zeros(n, 1, dtype=torch.bool)}, batch_size=[n]))
-buffer.sample()
+    for key, leaf in buffer.leaves.items():
+        values = torch.randn(n, *leaf.shape[1:])
+        leaf[i:i + n] = values > 0 if leaf.dtype == torch.bool else values
+buffer.written = size
+buffer.sample(256)
 import subprocess
 disk = subprocess.run(["du", "-sm", scratch], capture_output=True, text=True).stdout.split()[0]
 hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
@@ -287,8 +290,8 @@ def memory(size: int) -> dict[str, dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=["overhead", "update", "act", "memory", "speed", "dispatch"],
-                        default=["overhead", "update", "act", "memory", "speed", "dispatch"])
+    sections = ["overhead", "update", "act", "memory", "speed", "dispatch", "framework"]
+    parser.add_argument("--only", nargs="+", choices=sections, default=sections)
     parser.add_argument("--sizes", nargs="+", choices=list(SPEED_SIZES), default=["cpu", "paper"],
                         help="configs of the speed section: CPU size (critic 256) and paper size (critic 2048)")
     parser.add_argument("--device", default="cpu", help="device of the speed section (cpu, cuda)")
@@ -351,6 +354,18 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as workdir:
             modes = args.compile or (["none"] if args.tiny else ["none", "whole"])  # --tiny: the script only
             results["dispatch"] = dispatch(modes, 5 if args.tiny else 300, Path(workdir))
+    if "framework" in args.only:
+        sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling, also when this file is loaded by path
+        from framework_parts import framework
+
+        results["framework"] = {}
+        for bar in (False, True):
+            with tempfile.TemporaryDirectory() as workdir:
+                name = "progress_bar_on" if bar else "progress_bar_off"
+                warmup, learning = (120, 10) if args.tiny else (2000, 500)
+                results["framework"][name] = framework(fit_loop, Path(workdir), TINY_NETWORKS, warmup, learning,
+                                                       skip=5 if args.tiny else 20, progress_bar=bar)
+                print("framework", name, json.dumps(results["framework"][name]), flush=True)
     results["peak_rss_mb_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))

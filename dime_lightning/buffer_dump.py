@@ -1,9 +1,9 @@
 """Replay-buffer dumps that say what they hold: a manifest written with each dump, verified before a resume.
 
-TorchRL's ``ReplayBuffer.dumps`` writes memory-mapped tensor files and JSON metadata, and its ``loads`` maps
-those files at the sizes the metadata names: a truncated file is silently extended with zeros (and the zeros
-go on into the next dump), a damaged JSON file surfaces as a bare decoder error. So each rank's dump gets a
-``manifest.json``: the size and SHA-256 of every file TorchRL wrote, and the checkpoint stores the SHA-256 of
+A dump (``replay.ReplayRing.dump``: one ``.npy`` file per key and ``ring.json``; earlier versions wrote
+TorchRL's ``ReplayBuffer.dumps``, whose loader silently extends a truncated file with zeros) could be
+truncated, changed or swapped on disk. So each rank's dump gets a ``manifest.json``: the size and SHA-256 of
+every file the dump wrote, and the checkpoint stores the SHA-256 of
 that manifest (per rank). ``verify_dump`` checks all of it — the manifest is the one this checkpoint wrote,
 every listed file is there with its size and digest, and nothing else is — before anything is loaded, and
 raises ``DamagedDumpError`` naming the first file that differs.
@@ -11,8 +11,8 @@ raises ``DamagedDumpError`` naming the first file that differs.
 Dumps written before manifests existed carry none; ``verify_dump`` reports them as unverified (a warning,
 the caller's choice) rather than refusing checkpoints that were fine.
 
-Space: a dump is as large as the buffer's capacity (TorchRL writes whole storages), ``transition_bytes ×
-capacity`` plus a few kilobytes of metadata; ``dump_bytes`` estimates it before a dump (``disk_space``).
+Space: a dump holds the filled rows, ``transition_bytes × rows`` plus a few kilobytes of metadata;
+``dump_bytes`` estimates it before a dump (``disk_space``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dime_lightning.errors import DamagedDumpError
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
-METADATA_ALLOWANCE = 64 << 10  # JSON metadata and the sampler/writer state beside the tensor files
+METADATA_ALLOWANCE = 64 << 10  # ring.json, the .npy headers and the manifest
 
 
 def _sha256(path: Path) -> str:
@@ -85,7 +85,6 @@ def verify_dump(directory: str | Path, manifest_sha256: str | None) -> bool:
     return True
 
 
-def dump_bytes(transition_bytes: int, capacity: int) -> int:
-    """Disk space a dump of a buffer of ``capacity`` transitions of ``transition_bytes`` each needs (TorchRL
-    writes the whole storage, filled or not)."""
-    return transition_bytes * capacity + METADATA_ALLOWANCE
+def dump_bytes(transition_bytes: int, rows: int) -> int:
+    """Disk space a dump of ``rows`` stored transitions of ``transition_bytes`` each needs."""
+    return transition_bytes * rows + METADATA_ALLOWANCE

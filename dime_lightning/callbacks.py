@@ -30,14 +30,8 @@ from dime_lightning.envs import SUCCESS_KEY, make_env
 from dime_lightning.errors import BadInputError
 from dime_lightning.reference import SUCCESS_METRIC
 from dime_lightning.schedule import due
+from dime_lightning.tracking import log_at_env_steps
 from dime_lightning.video import EpisodeRecorder, check_video, records_video, video_name
-
-
-def _log(trainer: pl.Trainer, metrics: dict[str, float], env_steps: int) -> None:
-    """Write metrics at x = env steps to every logger, and keep them for the progress bar."""
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=env_steps)
-    trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
 
 
 class Evaluation(Callback):
@@ -156,7 +150,7 @@ class Evaluation(Callback):
                    "time/eval_seconds": time.perf_counter() - started}
         if successes:
             metrics[SUCCESS_METRIC] = sum(successes) / len(successes)
-        _log(trainer, metrics, steps)
+        log_at_env_steps(trainer, metrics, steps)
 
 
 def _video_dir(trainer: pl.Trainer) -> Path:
@@ -206,7 +200,7 @@ class TrainingMonitor(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         data = trainer.datamodule
         for episode in data.pop_finished_episodes():
-            _log(trainer, {"train/episode_return": episode.episode_return,
+            log_at_env_steps(trainer, {"train/episode_return": episode.episode_return,
                            "train/episode_length": float(episode.length)}, episode.env_steps)
         steps = pl_module.env_steps
         if not due(self._steps_last, steps, self.every_env_steps):
@@ -214,7 +208,7 @@ class TrainingMonitor(Callback):
         now, paused = time.perf_counter(), self._paused(trainer)
         wall = max(now - self._t_last, 1e-9)
         training = max(wall - (paused - self._paused_last), 1e-9)
-        _log(trainer, {"time/env_steps_per_second": (steps - self._steps_last) / training,
+        log_at_env_steps(trainer, {"time/env_steps_per_second": (steps - self._steps_last) / training,
                        "time/env_steps_per_second_wall": (steps - self._steps_last) / wall,
                        "time/elapsed_seconds": now - self._t0}, steps)
         self._t_last, self._steps_last, self._paused_last = now, steps, paused

@@ -4,7 +4,7 @@ Layout of ``checkpoint.dirpath`` (default ``checkpoints/<MLflow run id>``)::
 
     step-0000050000.ckpt        Lightning checkpoint: networks, optimizers, temperature, counters, RNG states,
                                 MLflow run id, and the name of its replay-buffer dump
-    step-0000050000.buffer/     TorchRL ``ReplayBuffer.dumps`` of each rank's buffer (rank0/, rank1/, …)
+    step-0000050000.buffer/     each rank's ``ReplayRing.dump`` (rank0/, rank1/, …: .npy files, ring.json)
     last.ckpt                   hard link to the newest step checkpoint (the publish point)
     final.ckpt                  hard link to the checkpoint written when training ends
 
@@ -74,7 +74,7 @@ class EnvStepCheckpoint(Callback):
         dirpath: checkpoint folder; null: ``checkpoints/<MLflow run id>`` in the working directory.
         keep: step checkpoints (and buffer dumps) kept on disk, >= 1; last.ckpt and final.ckpt are links.
             Default 2.
-        save_buffer: dump the replay buffer beside each checkpoint (TorchRL dumps). Default true.
+        save_buffer: dump the replay buffer beside each checkpoint (plain .npy files). Default true.
         log_artifacts: also log each checkpoint as an MLflow artifact of the run. Default true.
     """
 

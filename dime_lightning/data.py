@@ -1,11 +1,11 @@
-"""Replay data: env → TorchRL collector → TensorDict replay buffer → one ``StepBatch`` per env step.
+"""Replay data: env → collector → replay ring → one ``StepBatch`` per env step.
 
 ``ReplayDataModule`` owns every env and collector object (the LightningModule never does). Its iterable
 collects ``frames_per_batch`` env steps at a time (in this process, or from ``num_workers`` env processes:
 ``collection.py``) with the actor as policy (uniform random actions for the first ``learning_starts``
-steps) and hands the module, per env step, that step written to the buffer and ``utd`` minibatches of
-``batch_size`` transitions stacked as a (utd, B) TensorDict. During the warm-up the batches carry no sample,
-so that counters and the progress bar keep moving.
+steps) and hands the module, per env step, that step written to the replay buffer (``replay.py``) and
+``utd`` minibatches of ``batch_size`` transitions stacked as a (utd, B) TensorDict. During the warm-up the
+batches carry no sample, so that counters and the progress bar keep moving.
 """
 
 from __future__ import annotations
@@ -25,24 +25,22 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from tensordict import TensorDict, TensorDictBase
-from torchrl.collectors import Collector, MultiSyncCollector
-from torchrl.data import LazyMemmapStorage, LazyTensorStorage, TensorDictReplayBuffer
+from tensordict import TensorDict
 
 from dime_lightning import auto
 from dime_lightning.buffer_dump import dump_bytes, verify_dump, write_manifest
-from dime_lightning.collection import CollectionPolicy, build_collector
+from dime_lightning.collection import BatchCollector, CollectionPolicy, InProcessCollector, Step, build_collection
 from dime_lightning.distributed import gather_objects
 from dime_lightning.envs import env_spec
 from dime_lightning.errors import BadInputError, NonFiniteError
+from dime_lightning.replay import ReplayRing, transition_layout
 from dime_lightning.resources import free_bytes, human_bytes, require_memory
 
-TRANSITION_KEYS = ("observation", "action", ("next", "observation"), ("next", "reward"), ("next", "terminated"))
 EVAL_SEED_OFFSET = 1_000_000
 RANK_SEED_OFFSET = 1_000
 STORAGES = ("auto", "memory", "memmap", "device")
-# float32 observations, actions and rewards; a bool `terminated`; the int64 index TensorDictReplayBuffer adds
-FLOAT_BYTES, BOOL_BYTES, INDEX_BYTES = 4, 1, 8
+# float32 observations, actions and rewards; a bool `terminated`
+FLOAT_BYTES, BOOL_BYTES = 4, 1
 
 
 class StepToken:
@@ -126,10 +124,11 @@ class ReplayDataModule(pl.LightningDataModule):
         self.verified_dump: Path | None = None  # a dump already verified before the fit (fit.py's pre-flight)
         self._dump_digest: str | None = None  # SHA-256 of this rank's last dump manifest (buffer_dump.py)
         self.finished_episodes: list[FinishedEpisode] = []
-        self._collector: Collector | MultiSyncCollector | None = None
-        self._buffer: TensorDictReplayBuffer | None = None
+        self._collector: InProcessCollector | BatchCollector | None = None
+        self._buffer: ReplayRing | None = None
+        self._random_steps, self._ranks = 0, 1  # set in setup
         self._policy: CollectionPolicy | None = None
-        self._pending: list[TensorDictBase] = []  # collected frames not yet consumed (frames_per_batch > 1)
+        self._pending: list[Step] = []  # collected env steps not yet consumed (frames_per_batch > 1)
         self._scratch: Path | None = None  # memmap scratch folder of this process
         self.storage: str | None = None if storage == "auto" else storage  # "auto": resolved by storage_for()
 
@@ -152,10 +151,12 @@ class ReplayDataModule(pl.LightningDataModule):
             np.random.seed(rank_seed)  # noqa: NPY002 (the global state seed_everything sets)
             random.seed(rank_seed)
         self._updates_begin_after = self._local(hp.learning_starts)
+        self._random_steps = self._local(hp.learning_starts)  # this rank's env steps of uniform random actions
+        self._ranks = self.world_size  # fixed for the fit: read once, not on every env step
         self._buffer = self.build_buffer()
         module = self.trainer.lightning_module
         self._policy = CollectionPolicy(module.actor, self.action_dim, seed=rank_seed, act=getattr(module, "act", None))
-        self._collector = build_collector(hp.env_id, self._policy, hp.frames_per_batch, hp.num_workers, rank_seed)
+        self._collector = build_collection(hp.env_id, self._policy, hp.frames_per_batch, hp.num_workers, rank_seed)
 
     @property
     def learning_env_steps(self) -> int:
@@ -170,36 +171,29 @@ class ReplayDataModule(pl.LightningDataModule):
             self.storage = auto.storage(device.type, need, free)
         return self.storage
 
-    def build_buffer(self) -> TensorDictReplayBuffer:
+    def build_buffer(self) -> ReplayRing:
         hp = self.hparams
-        size = self._local(hp.buffer_size)
         strategy = getattr(self.trainer, "strategy", None)  # none outside a Trainer: the CPU
         device = strategy.root_device if strategy is not None else torch.device("cpu")
         kind = self.storage_for(device)
-        if kind == "memmap":
-            scratch = None
-            if hp.scratch_dir is not None:  # a folder of this process's own, removed at teardown
-                self._scratch = Path(hp.scratch_dir) / f"dime-{os.getpid()}-{time.time_ns()}"
-                scratch = self._scratch / f"rank{self.rank}"
-                scratch.mkdir(parents=True, exist_ok=True)
-            storage = LazyMemmapStorage(size, scratch_dir=scratch)
-        elif kind == "device":  # on the training device (a GPU): minibatches are sampled there
-            storage = LazyTensorStorage(size, device=device)
-        else:
-            storage = LazyTensorStorage(size)
-        return TensorDictReplayBuffer(storage=storage, batch_size=hp.utd * hp.batch_size)
+        scratch = None
+        if kind == "memmap":  # a folder of this process's own, removed at teardown
+            self._scratch = Path(hp.scratch_dir or tempfile.gettempdir()) / f"dime-{os.getpid()}-{time.time_ns()}"
+            scratch = self._scratch / f"rank{self.rank}"
+            scratch.mkdir(parents=True, exist_ok=True)
+        layout = transition_layout(self.obs_dim, self.action_dim)
+        return ReplayRing(self._local(hp.buffer_size), layout, kind, device, scratch)
 
     def transition_bytes(self) -> int:
-        """Bytes one stored transition takes (observation and next observation, action, reward, terminated, and
-        the buffer's index)."""
-        return (2 * self.obs_dim + self.action_dim + 1) * FLOAT_BYTES + BOOL_BYTES + INDEX_BYTES
+        """Bytes one stored transition takes (observation and next observation, action, reward, terminated)."""
+        return (2 * self.obs_dim + self.action_dim + 1) * FLOAT_BYTES + BOOL_BYTES
 
     def check_capacity(self, device: torch.device, ranks_here: int) -> None:
         """Refuse (``ValueError``: exit 2) a replay buffer that this machine could never hold, before anything is
         built: ``ranks_here`` processes of this machine each allocate ``ceil(buffer_size / world size)``
         transitions in RAM (``memory``), on ``device`` (``device``) or in files under scratch_dir (``memmap``)."""
         hp = self.hparams
-        capacity = self._local(hp.buffer_size)  # TorchRL allocates the whole storage at the first write
+        capacity = self._local(hp.buffer_size)  # the ring is allocated whole at setup
         need = capacity * self.transition_bytes() * ranks_here
         kind = self.storage_for(device)
         what = (f"data.buffer_size {hp.buffer_size} with data.storage {kind!r} ({capacity} transitions of "
@@ -220,8 +214,9 @@ class ReplayDataModule(pl.LightningDataModule):
                                        "on a disk with room")
 
     def dump_need_bytes(self) -> int:
-        """Disk space this rank's next buffer dump takes (the whole capacity: TorchRL dumps full storages)."""
-        return dump_bytes(self.transition_bytes(), self._local(self.hparams.buffer_size))
+        """Disk space this rank's next buffer dump takes (the filled rows; the capacity before setup)."""
+        filled = len(self._buffer) if self._buffer is not None else self._local(self.hparams.buffer_size)
+        return dump_bytes(self.transition_bytes(), filled)
 
     def _local(self, steps: int) -> int:
         """Per-rank share of a global env-step count."""
@@ -231,7 +226,7 @@ class ReplayDataModule(pl.LightningDataModule):
         if self._collector is not None:
             self._collector.shutdown()
             self._collector = None
-        if self._scratch is not None:
+        if self._scratch is not None:  # the memmap ring's files
             self._buffer = None
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
@@ -253,44 +248,34 @@ class ReplayDataModule(pl.LightningDataModule):
         hp = self.hparams
         if not self._pending:
             try:
-                rollout = self._collect()
+                self._pending = self._collect()
             except Exception as error:
                 if self.world_size == 1:
                     raise
                 return StepBatch(None, self.env_steps, env_error=error)  # a lone raise would hang the other ranks
-            self._pending = list(rollout.reshape(-1).unbind(0))  # (T,) or (workers, T / workers) -> transitions
-        transition = self._pending.pop(0)
-        self._buffer.add(transition.select(*TRANSITION_KEYS))
-        self.env_steps += self.world_size
+        step = self._pending.pop(0)
+        self._buffer.add(step.transition)
+        self.env_steps += self._ranks
         self._local_steps += 1
-        self._record_episode(transition)
+        if step.episode is not None:
+            self.finished_episodes.append(FinishedEpisode(self.env_steps, *step.episode))
         sample = None
         if self._local_steps > self._updates_begin_after:
-            sample = self._buffer.sample().reshape(hp.utd, hp.batch_size)  # (utd·B,) -> (utd, B)
+            sample = self._buffer.sample(hp.utd, hp.batch_size)
         return StepBatch(sample, self.env_steps)
 
-    def _collect(self) -> TensorDictBase:
-        """The next collector batch: frames_per_batch transitions, (T,) or (workers, T / workers)."""
-        self._policy.uniform.fill_(self._local_steps < self._local(self.hparams.learning_starts))  # random warm-up
-        if self.hparams.num_workers > 1:
-            self._collector.update_policy_weights_()  # actor weights and the warm-up flag to the workers
-        rollout = self._collector.next()
-        for key in (("next", "observation"), ("next", "reward")):
-            if not bool(torch.isfinite(rollout[key]).all()):
+    def _collect(self) -> list[Step]:
+        """The next env steps: one, or a collector batch of frames_per_batch."""
+        uniform = self._local_steps < self._random_steps  # the random warm-up
+        if bool(self._policy.uniform) != uniform:
+            self._policy.uniform.fill_(uniform)
+        steps = self._collector.steps()
+        for offset, step in enumerate(steps, start=1):
+            if step.nonfinite is not None:
                 where = f" on rank {self.rank}" if self.world_size > 1 else ""
-                raise NonFiniteError(f"non-finite {'/'.join(key)} from env {self.hparams.env_id} at env step "
-                                     f"{self.env_steps + self.world_size}{where}")
-        return rollout
-
-    def _record_episode(self, transition: TensorDictBase) -> None:
-        if bool(transition["next", "done"].any()):
-            self.finished_episodes.append(
-                FinishedEpisode(
-                    self.env_steps,
-                    float(transition["next", "episode_reward"].sum()),
-                    int(transition["next", "step_count"].max()),
-                )
-            )
+                raise NonFiniteError(f"non-finite {step.nonfinite} from env {self.hparams.env_id} at env step "
+                                     f"{self.env_steps + offset * self.world_size}{where}")
+        return steps
 
     def pop_finished_episodes(self) -> list[FinishedEpisode]:
         episodes, self.finished_episodes = self.finished_episodes, []
@@ -303,14 +288,14 @@ class ReplayDataModule(pl.LightningDataModule):
 
     # ---- checkpointed state ------------------------------------------------------------------------------
     def dump_buffer(self, directory: Path) -> None:
-        """This rank's buffer → ``directory/rank<r>`` with TorchRL's ``dumps`` and a manifest of what it wrote
+        """This rank's buffer → ``directory/rank<r>`` (``ReplayRing.dump``) and a manifest of what it wrote
         (``buffer_dump``), in a temporary folder renamed when complete. Free space is checked by the caller."""
         target = Path(directory) / f"rank{self.rank}"
         tmp = target.with_name(f".{target.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(parents=True)
         try:
-            self._buffer.dumps(tmp)
+            self._buffer.dump(tmp)
             digest = write_manifest(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # e.g. ENOSPC: leave no half-written dump behind
@@ -367,7 +352,7 @@ class ReplayDataModule(pl.LightningDataModule):
             if source.parent != self.verified_dump and not verify_dump(source, manifest_sha256):
                 rank_zero_warn(f"replay-buffer dump {source} has no manifest (written before dumps had one): "
                                "loaded unverified")
-            self._buffer.loads(source)
+            self._buffer.load(source)
             return
         # no buffer dump (not saved, or not beside this checkpoint): refill with `learning_starts` fresh env
         # steps from the restored policy before updating again

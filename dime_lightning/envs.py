@@ -13,7 +13,10 @@ Accepted ids:
   extra; ``myosuite`` is imported (it registers them) only for such ids. Their own time limits apply (200, 75,
   50 and 100 steps for these four) and their own early termination (a dropped object).
 
-Every env is a TorchRL ``TransformedEnv`` with: a single float32 ``observation`` vector (DMC's observation
+Training in one process steps a Gymnasium id's env directly (``make_gymnasium_env``: Gymnasium's own
+``RescaleAction`` and ``RecordEpisodeStatistics``; ``collection.InProcessCollector``), with the same
+transitions as the TorchRL env below (tested). Every other env (evaluation, DMC, env workers) is a TorchRL
+``TransformedEnv`` with: a single float32 ``observation`` vector (DMC's observation
 dict is concatenated in key order), actions in [−1, 1] mapped affinely to the env bounds
 (``ActionScaling``), ``terminated`` kept apart from ``truncated`` (time limits truncate, they never
 terminate), and the running episode return in ``episode_reward``. ``make_env(..., success=True)`` (the
@@ -183,6 +186,29 @@ def make_env(env_id: str, seed: int | None = None, device: str = "cpu", success:
     if seed is not None:
         env.set_seed(seed)
     return env
+
+
+def in_process_gymnasium(env_id: str) -> bool:
+    """Whether ``env_id`` is a Gymnasium id (not DMC), which the thin in-process collector steps directly."""
+    return not env_id.startswith(DMC_PREFIX)
+
+
+def make_gymnasium_env(env_id: str) -> gymnasium.Env:
+    """The Gymnasium env of a Gymnasium id (checked), as the thin in-process collector steps it: actions in
+    [−1, 1] mapped affinely to the env bounds (``RescaleAction``, as ``ActionScaling`` does for ``make_env``),
+    the episode's return and length reported at its end (``RecordEpisodeStatistics``). Not yet reset."""
+    check_env_id(env_id)
+    try:
+        env = gymnasium.make(env_id)
+    except Exception as err:  # gymnasium raises many types (missing extras, bad kwargs, …)
+        raise EnvIdError(f"env id {env_id!r} could not be created: {err}") from err
+    space = env.action_space
+    bounded = isinstance(space, gymnasium.spaces.Box) and np.isfinite(space.low).all() and np.isfinite(space.high).all()
+    if not bounded:
+        env.close()
+        raise EnvIdError(f"env id {env_id!r}: DIME needs a bounded continuous action space, got {space}")
+    unit = np.ones(space.shape, dtype=space.dtype)
+    return gymnasium.wrappers.RecordEpisodeStatistics(gymnasium.wrappers.RescaleAction(env, -unit, unit))
 
 
 def env_spec(env_id: str) -> EnvSpec:

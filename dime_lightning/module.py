@@ -28,6 +28,7 @@ from dime_lightning.distributed import all_ranks_true, average_running_statistic
 from dime_lightning.errors import BadInputError, NonFiniteError
 from dime_lightning.policy import check_actor
 from dime_lightning.temperature import Temperature
+from dime_lightning.tracking import log_at_env_steps
 from dime_lightning.update import DIMEUpdater, make_target_actor, maybe_compile
 from dime_lightning.update_settings import AUTO, UpdateSettings
 
@@ -197,17 +198,20 @@ class DIMEModule(pl.LightningModule):
         raise kind(f"collection failed on another rank at env step {self.env_steps} (see that rank's error)")
 
     def _log_update(self, update_metrics: TensorDict) -> None:
-        metrics = {f"train/{k}": v for k, v in update_metrics.items()}
+        """The update's diagnostics at this env step, fetched to the host in one transfer and written to the
+        loggers directly (``tracking.log_at_env_steps``: Lightning's ``self.log`` cost ~10 ms per logging step
+        for these ~15 scalars on a CPU, BENCHMARKS.md "the thin loop")."""
+        tensors = {f"train/{k}": v for k, v in update_metrics.items()}
         if "log_prob" in update_metrics.keys():  # an actor update ran in this env step
-            metrics["train/entropy_bound"] = -update_metrics["log_prob"]
-            metrics.update({f"train/{k}": v for k, v in self.actor.diagnostics().items()})
-        metrics["train/alpha"] = self.temperature.alpha()
-        # counters as CPU tensors: a Python float would be copied to the module's device (a host sync on GPU)
-        metrics["train/critic_updates"] = torch.tensor(float(self.critic_updates))
-        metrics["train/actor_updates"] = torch.tensor(float(self.actor_updates))
-        metrics["train/skipped_updates"] = torch.tensor(float(self.skipped_updates))
-        metrics["step"] = torch.tensor(float(self.env_steps))  # Lightning uses a logged "step" as the x-axis
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+            tensors["train/entropy_bound"] = -update_metrics["log_prob"]
+            tensors.update({f"train/{k}": v for k, v in self.actor.diagnostics().items()})
+        tensors["train/alpha"] = self.temperature.alpha()
+        values = torch.stack([v.detach().reshape(()).float() for v in tensors.values()]).tolist()  # one host sync
+        metrics = dict(zip(tensors, values, strict=True))
+        metrics.update({"train/critic_updates": float(self.critic_updates),
+                        "train/actor_updates": float(self.actor_updates),
+                        "train/skipped_updates": float(self.skipped_updates)})
+        log_at_env_steps(self.trainer, metrics, self.env_steps)
 
     # ---- checkpointed counters ------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -28,6 +29,14 @@ from dime_lightning import checkpoint_schema as schema
 from dime_lightning.errors import TrackingError
 from dime_lightning.runs import mode_tags, run_tags
 from dime_lightning.tracking_queue import QueuedClient
+
+
+def log_at_env_steps(trainer: Any, metrics: dict[str, float], env_steps: int) -> None:
+    """Write metrics at x = env steps to every logger (rank 0's: Lightning's loggers write on rank 0 only), and
+    keep them for the progress bar; the one path of every metric DIME logs."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=env_steps)
+    trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
 
 
 def validate_tracking_uri(uri: str) -> None:

@@ -34,6 +34,10 @@ def test_throughput_benchmark_tiny(tmp_path):
         assert timings["updates_per_env_step_ms"] > 0 and timings["critic_update_ms"] > 0
     dispatch = results["dispatch"]["none"]
     assert dispatch["warmup_env_steps_per_s"] > 0 and dispatch["learning_env_steps_per_s"] > 0
+    for bar in ("progress_bar_off", "progress_bar_on"):
+        warmup, learning = results["framework"][bar]["warmup"], results["framework"][bar]["learning"]
+        assert warmup["update"] == 0 and warmup["sample"] == 0 and learning["update"] > 0 and learning["sample"] > 0
+        assert warmup["collector"] > 0 and learning["acting"] > 0 and learning["framework"] > 0
 
 
 def test_learning_benchmark_tiny(tmp_path):

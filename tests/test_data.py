@@ -61,7 +61,7 @@ def collected(seed: int) -> torch.Tensor:
     data = make_data(total_env_steps=120, seed=seed)
     for token in data.train_dataloader():
         data.on_before_batch_transfer(token, 0)
-    stored = data._buffer[:120]
+    stored = data._buffer.rows()[:120]
     data.teardown("fit")
     return torch.cat([stored["observation"], stored["action"]], dim=-1)
 

@@ -26,10 +26,11 @@ from fit_runs import (
 )
 
 from dime_lightning.analysis import load_policy
-from dime_lightning.buffer_dump import MANIFEST, verify_dump, write_manifest
+from dime_lightning.buffer_dump import MANIFEST, METADATA_ALLOWANCE, dump_bytes, verify_dump, write_manifest
 from dime_lightning.checkpointing import CheckpointError
 from dime_lightning.data import ReplayDataModule
 from dime_lightning.errors import DamagedDumpError, DiskSpaceError, RunLockedError
+from dime_lightning.replay import ReplayRing
 from dime_lightning.resources import require_free_space
 from dime_lightning.run_lock import RunLock
 from dime_lightning.safe_checkpoint import checkpoint_globals
@@ -105,7 +106,7 @@ def newest_dump(ckpt: Path) -> Path:
 
 def test_a_truncated_dump_falls_back_to_the_newest_intact_pair(tmp_path, finished):
     ckpt = copy_run(finished, tmp_path)
-    damaged = newest_dump(ckpt) / "storage" / "observation.memmap"
+    damaged = newest_dump(ckpt) / "observation.npy"
     os.truncate(damaged, 10)
     result = run(tmp_path, "--data.total_env_steps", "450", "--ckpt_path", "last")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -121,7 +122,7 @@ def test_a_truncated_dump_falls_back_to_the_newest_intact_pair(tmp_path, finishe
 
 def test_a_damaged_dump_named_explicitly_is_refused_and_left_as_it_is(tmp_path, monkeypatch, capsys, finished):
     ckpt = copy_run(finished, tmp_path)
-    metadata = newest_dump(ckpt) / "buffer_metadata.json"
+    metadata = newest_dump(ckpt) / "ring.json"
     metadata.write_text("garbage")
     err = resume_error(tmp_path, monkeypatch, capsys, "--ckpt_path", str(ckpt / "step-0000000300.ckpt"))
     assert f"{metadata} has 7 bytes" in err
@@ -209,7 +210,10 @@ def test_the_dump_estimate_covers_what_a_dump_writes(finished):
     data = ReplayDataModule(env_id="Pendulum-v1", total_env_steps=300, learning_starts=100, buffer_size=10_000)
     dump = finished / "ckpt" / "step-0000000300.buffer"
     written = sum(p.stat().st_size for p in dump.rglob("*") if p.is_file())
-    assert written <= data.dump_need_bytes() <= 1.5 * written
+    rows = len(ReplayRing.from_dump(dump / "rank0"))
+    assert rows == 300  # a dump holds the filled rows, not the capacity
+    assert written <= dump_bytes(data.transition_bytes(), rows) <= written + METADATA_ALLOWANCE
+    assert data.dump_need_bytes() == dump_bytes(data.transition_bytes(), 10_000)  # before setup: the capacity
 
 
 def mount_tmpfs(folder: Path, size: str) -> bool:

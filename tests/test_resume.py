@@ -19,13 +19,13 @@ from fit_runs import (
     start,
     wait_for,
 )
-from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+from tensordict import TensorDict
+
+from dime_lightning.replay import ReplayRing
 
 
-def load_buffer(directory: Path) -> TensorDictReplayBuffer:
-    buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(10_000))
-    buffer.loads(directory / "rank0")
-    return buffer
+def load_buffer(directory: Path) -> TensorDict:
+    return ReplayRing.from_dump(directory / "rank0").rows()
 
 
 def check_kill_and_resume(tmp_path: Path, delay: float) -> None:

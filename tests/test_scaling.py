@@ -9,24 +9,23 @@ import mlflow
 import pytest
 import torch
 from fit_runs import run_fit
+from tensordict import TensorDict
 from tiny_networks import make_actor, make_batch, make_critic
-from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
 
 from dime_lightning.collection import CollectionPolicy, build_collector
 from dime_lightning.gaussian import TanhGaussianActor
 from dime_lightning.losses import actor_loss, critic_loss
 from dime_lightning.module import maybe_compile
 from dime_lightning.optim import adam
+from dime_lightning.replay import ReplayRing
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SMOKE = ["--config", str(CONF / "pendulum.yaml"), "--config", str(CONF / "smoke.yaml")]
 
 
-def load_buffer(path: Path, size: int) -> TensorDictReplayBuffer:
-    buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(size))
-    buffer.loads(path)
-    return buffer
+def load_buffer(path: Path) -> TensorDict:
+    return ReplayRing.from_dump(path).rows()
 
 
 def test_ddp_two_processes_gloo_through_the_cli(tmp_path):
@@ -36,9 +35,9 @@ def test_ddp_two_processes_gloo_through_the_cli(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     # the two ranks collected different transitions, half of the env steps each
     dump = tmp_path / "ckpt" / "step-0000000300.buffer"
-    shards = [load_buffer(dump / f"rank{rank}", 5000) for rank in (0, 1)]  # smoke buffer_size 10,000 / 2
+    shards = [load_buffer(dump / f"rank{rank}") for rank in (0, 1)]
     assert [len(shard) for shard in shards] == [150, 150]
-    obs = [shard.storage[:]["observation"] for shard in shards]
+    obs = [shard["observation"] for shard in shards]
     assert not torch.allclose(obs[0][:10], obs[1][:10])
     # parameters and batch-renorm statistics are identical on both ranks at the end
     states = [torch.load(tmp_path / f"rank{rank}-state.pt", weights_only=False) for rank in (0, 1)]
@@ -135,8 +134,8 @@ def test_multiprocess_collection_through_the_cli(tmp_path):
     result = run_fit(tmp_path, *SMOKE, "--data.env_id", "pid_env:PidPendulum-v0", "--data.num_workers", "2",
                      "--data.frames_per_batch", "2")
     assert result.returncode == 0, result.stderr[-4000:]
-    buffer = load_buffer(tmp_path / "ckpt" / "step-0000000300.buffer" / "rank0", 10_000)
-    process_ids = buffer.storage[:]["observation"][:, -1]  # the env's process id (tests/pid_env.py)
+    buffer = load_buffer(tmp_path / "ckpt" / "step-0000000300.buffer" / "rank0")
+    process_ids = buffer["observation"][:, -1]  # the env's process id (tests/pid_env.py)
     ids, counts = process_ids.unique(return_counts=True)
     assert len(ids) == 2 and counts.tolist() == [150, 150]  # two env worker processes, half of the steps each
 
