@@ -40,6 +40,13 @@ def test_throughput_benchmark_tiny(tmp_path):
         assert warmup["collector"] > 0 and learning["acting"] > 0 and learning["framework"] > 0
 
 
+def test_fit_loop_rate_tiny(capsys):
+    assert load("fit_loop_rate").main(["--warmup", "60", "--learning", "5"]) == 0
+    result = json.loads(capsys.readouterr().out.split("fit_loop_rate ", 1)[1].splitlines()[0])
+    assert result["tree"] == str(ROOT)
+    assert result["warmup_ms_per_env_step"] > 0 and result["learning_ms_per_env_step"] > 0
+
+
 def test_learning_benchmark_tiny(tmp_path):
     results = tmp_path / "results"
     code = load("learning").main(["--tiny", "--suite", "bandit", "--seeds", "0", "--workdir", str(tmp_path / "runs"),

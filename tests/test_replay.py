@@ -141,3 +141,13 @@ def test_sampled_minibatches_are_a_tensordict_on_the_ring_device():
     sample = filled(5).sample(8)
     assert isinstance(sample, TensorDict) and sample.device == torch.device("cpu")
     assert sample["next", "terminated"].dtype == torch.bool and sample["action"].shape == (8, 1)
+
+
+def test_the_tensor_write_path_of_a_device_ring_stores_the_same_rows():
+    """A ring on a GPU writes through ``copy_`` (no numpy view): the same path, forced on the CPU here."""
+    through_numpy = filled(13)
+    through_torch = ReplayRing(10, LAYOUT)
+    through_torch._arrays = {}  # as on a GPU
+    for i in range(13):
+        through_torch.add(transition(i))
+    assert (through_torch.rows() == through_numpy.rows()).all()
