@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+WARMUP_FROM = 50  # the env step the warm-up is timed from
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,14 +37,11 @@ def main(argv: list[str] | None = None) -> int:
             del sys.modules[name]
     import throughput
 
-    class Timer(throughput.PhaseTimer):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            steps, now = pl_module.env_steps, time.perf_counter()
-            for name, at in [("warmup_start", 50), ("warmup_end", self.learning_starts),
-                             ("learning_start", self.learning_starts + self.skip)]:
-                if steps == at:
-                    self.marks[name] = (steps, now)
-            self.marks["learning_end"] = (steps, now)
+    class Timer(throughput.PhaseTimer):  # the warm-up timed from env step 50: the start-up left out
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            super().on_train_batch_end(trainer, pl_module, *args)
+            if pl_module.env_steps == WARMUP_FROM:
+                self.marks["warmup_start"] = (pl_module.env_steps, time.perf_counter())
 
     throughput.PhaseTimer = Timer  # fit_loop builds its timer from this name
     with tempfile.TemporaryDirectory() as workdir:

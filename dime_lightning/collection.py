@@ -28,8 +28,8 @@ from torchrl.collectors import Collector, MultiSyncCollector
 from torchrl.envs import EnvBase
 
 from dime_lightning.envs import in_process_gymnasium, make_env, make_gymnasium_env
+from dime_lightning.replay import TRANSITION_KEYS
 
-TRANSITION_KEYS = ("observation", "action", ("next", "observation"), ("next", "reward"), ("next", "terminated"))
 NEXT_OBS, NEXT_REWARD = "next/observation", "next/reward"  # how a non-finite value is named
 
 

@@ -37,15 +37,16 @@ DTYPES = {str(dtype): dtype for dtype in (torch.float32, torch.bool)}  # the dty
 LEGACY_STORAGE = "storage"  # what TorchRL's ReplayBuffer.dumps writes (dumps of earlier versions)
 
 
+TRANSITION_KEYS: tuple[Key, ...] = ("observation", "action", ("next", "observation"), ("next", "reward"),
+                                    ("next", "terminated"))  # what a transition stores, the one list of them
+
+
 def transition_layout(obs_dim: int, action_dim: int) -> dict[Key, tuple[tuple[int, ...], torch.dtype]]:
-    """Shape (per transition) and dtype of every stored key: float32 vectors and a bool ``terminated``."""
-    return {
-        "observation": ((obs_dim,), torch.float32),
-        "action": ((action_dim,), torch.float32),
-        ("next", "observation"): ((obs_dim,), torch.float32),
-        ("next", "reward"): ((1,), torch.float32),
-        ("next", "terminated"): ((1,), torch.bool),
-    }
+    """Shape (per transition) and dtype of every stored key (``TRANSITION_KEYS``, in order): float32 vectors and
+    a bool ``terminated``."""
+    shapes = ((obs_dim,), (action_dim,), (obs_dim,), (1,), (1,))
+    dtypes = (torch.float32,) * 4 + (torch.bool,)
+    return {key: (shape, dtype) for key, shape, dtype in zip(TRANSITION_KEYS, shapes, dtypes, strict=True)}
 
 
 def file_name(key: Key) -> str:
