@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from mlflow.exceptions import MlflowException
 
 from dime_lightning import checkpoint_schema as schema
 from dime_lightning.errors import TrackingError
@@ -130,7 +131,12 @@ class DIMEMLFlowLogger(MLFlowLogger):
     def experiment(self):
         """Lightning's ``MlflowClient`` (the run opened by the first access) behind a ``QueuedClient``: every write,
         Lightning's own (``log_batch`` for metrics and params) and ours, goes through the queue."""
-        client = super().experiment
+        try:
+            client = super().experiment
+        except MlflowException as err:  # another process created the experiment between Lightning's lookup and
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":  # its create (jobs started together): look it up again
+                raise
+            client = super().experiment
         if rank_zero_only.rank != 0:  # Lightning's stand-in on the other ranks
             return client
         if self._queue is None:

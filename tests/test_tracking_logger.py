@@ -31,6 +31,28 @@ def test_writes_go_through_the_queue_and_a_run_never_opened_is_not_created(tmp_p
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(3, 0.5)]
 
 
+def test_an_experiment_created_by_another_process_meanwhile_is_used(tmp_path, monkeypatch) -> None:
+    """Two jobs started together: the other creates the experiment between this logger's lookup and its create."""
+    mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("compat")
+    lookup = mlflow.MlflowClient.get_experiment_by_name
+    missed = []
+
+    def stale_once(self, name):
+        if not missed:
+            missed.append(name)
+            return None  # as seen just before the other process created it
+        return lookup(self, name)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_experiment_by_name", stale_once)
+    logger = make(tmp_path)
+    logger.log_metrics({"loss": 1.0}, step=1)
+    logger.finalize("success")
+    assert missed == ["compat"]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([lookup(client, "compat").experiment_id])
+    assert run.info.status == "FINISHED"
+
+
 def test_a_resumed_run_drops_the_steps_it_already_has(tmp_path) -> None:
     first = make(tmp_path)
     for step in (1, 2, 3):
