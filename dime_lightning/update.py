@@ -49,7 +49,7 @@ from torch import nn
 from dime_lightning.errors import BadInputError, NonFiniteError
 from dime_lightning.losses import actor_loss, critic_loss, temperature_loss
 from dime_lightning.optim import adam, gradient_norm, zero_nan_and_clip_gradients_
-from dime_lightning.program import MINIBATCH_KEYS, StepProgram
+from dime_lightning.program import MINIBATCH_KEYS, StepProgram, compile_program
 from dime_lightning.schedule import UpdateSchedule
 from dime_lightning.self_check import compare_runs
 from dime_lightning.temperature import Temperature
@@ -60,9 +60,6 @@ if TYPE_CHECKING:  # the updater knows no checkpoint: the module hands it the co
 
 NONFINITE_SLOTS = ("loss_critic", "loss_actor", "loss_alpha")
 CUDA_GRAPH_WARMUP = 3  # compiled calls run eagerly before each program's CUDA graph is captured
-# "whole"'s programs: noise from the eager generator (the self-check relies on it); no per-call re-check of the
-# input sizes and strides that Dynamo's guards have already checked (≈ 9 % of a call at the dispatch-bound size)
-INDUCTOR_OPTIONS = {"fallback_random": True, "size_asserts": False}
 
 
 def maybe_compile(fn: Callable, mode: str) -> Callable:
@@ -292,13 +289,12 @@ class DIMEUpdater:
         return TensorDict(out)
 
     def _compile(self, sample: TensorDict) -> None:
-        """The two programs, each one graph (``fullgraph`` fails loudly on any graph break; ``INDUCTOR_OPTIONS``),
-        taking a minibatch's tensors and returning a plain dict (program.py: ``critic_step``, ``actor_step``); on
-        CUDA each is replayed as one CUDA graph."""
+        """The two programs, each one graph (program.py: ``compile_program``), taking a minibatch's tensors and
+        returning a plain dict (``critic_step``, ``actor_step``); on CUDA each is replayed as one CUDA graph."""
         cuda = sample.device is not None and sample.device.type == "cuda"
         program = self.program()
         for name, fn in (("critic", program.critic_step), ("actor", program.actor_step)):
-            fn = torch.compile(fn, fullgraph=True, options=INDUCTOR_OPTIONS)
+            fn = compile_program(fn, cuda)
             if cuda:
                 from tensordict.nn import CudaGraphModule  # CUDA only
 

@@ -1,0 +1,96 @@
+"""How "whole" compiles its programs (program.compile_program): the guards each keeps, and a code object of its own."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from dime_lightning.actor import DiffusionActor
+from dime_lightning.critic import DistributionalCritic
+from dime_lightning.program import StepProgram, compile_program, kept_guards
+from dime_lightning.temperature import Temperature
+from dime_lightning.update import DIMEUpdater
+from dime_lightning.update_settings import UpdateSettings
+
+
+def entry(guard_type: str, is_global: bool = False, in_module: bool = False) -> SimpleNamespace:
+    source = SimpleNamespace(is_unspecialized_nn_module=lambda: in_module)
+    return SimpleNamespace(guard_type=guard_type, is_global=is_global, orig_guard=SimpleNamespace(source=source))
+
+
+def test_kept_guards_are_the_tensors_the_program_and_its_own_constants() -> None:
+    entries = {
+        "a parameter's tensor guard": (entry("TENSOR_MATCH", in_module=True), True),
+        "a minibatch tensor's guard": (entry("TENSOR_MATCH"), True),
+        "the program object": (entry("ID_MATCH"), True),
+        "an optimizer's learning rate": (entry("CONSTANT_MATCH"), True),
+        "grad mode": (entry("GRAD_MODE"), True),
+        "a module's training flag": (entry("EQUALS_MATCH", in_module=True), False),
+        "a global constant": (entry("CONSTANT_MATCH", is_global=True), False),
+        "a module's parameter names": (entry("DICT_KEYS_MATCH", in_module=True), False),
+        "a module's hooks": (entry("EMPTY_NN_MODULE_HOOKS_DICT", in_module=True), False),
+        "a global function": (entry("CLOSURE_MATCH", is_global=True), False),
+        "input aliasing": (entry("DUPLICATE_INPUT", is_global=True), False),
+    }
+    kept = kept_guards([e for e, _ in entries.values()])
+    assert dict(zip(entries, kept, strict=True)) == {name: keep for name, (_, keep) in entries.items()}
+
+
+def tiny_program() -> StepProgram:
+    actor = DiffusionActor(3, 1, num_steps=1, hidden_dim=8, time_features=8, time_hidden_dim=8)
+    critic = DistributionalCritic(3, 1, hidden_dims=(8, 8))
+    updater = DIMEUpdater(actor, critic, Temperature(1), settings=UpdateSettings(compile="whole"))
+    updater.build_optimizers()
+    return updater.program()
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_each_program_is_compiled_from_a_code_object_of_its_own(monkeypatch, cuda) -> None:
+    """Dynamo keeps compiled graphs per code object: two programs (a rebuilt one, another run's) share none, and
+    neither shares StepProgram's own. The guard filter applies on every device, the C++ wrapper on a CPU only."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append((fn, kwargs)) or fn)
+    first, second = tiny_program(), tiny_program()
+    for program in (first, second):
+        compile_program(program.critic_step, cuda)
+    (fn1, options1), (fn2, options2) = seen
+    assert fn1.__self__ is first and fn2.__self__ is second
+    codes = {id(fn1.__func__.__code__), id(fn2.__func__.__code__), id(StepProgram.critic_step.__code__)}
+    assert len(codes) == 3
+    assert fn1.__func__.__code__.co_code == StepProgram.critic_step.__code__.co_code  # the same program
+    assert options1 == options2 and options1["fullgraph"]
+    assert options1["options"]["guard_filter_fn"] is kept_guards
+    assert options1["options"].get("cpp_wrapper", False) is not cuda
+
+
+class Scale:
+    """A program in miniature: updates a module's weight in place and returns a dict."""
+
+    def __init__(self) -> None:
+        self.layer = nn.Linear(3, 2, bias=False)
+
+    def step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            self.layer.weight.mul_(0.5)
+        return {"y": self.layer(x)}
+
+
+def test_a_compiled_program_still_recompiles_for_other_tensors() -> None:
+    """The kept tensor guards: inputs of another shape, and parameters of another dtype, get their own graph
+    (the same results as eagerly), not the first graph run on them."""
+    torch._dynamo.reset()
+    compiled, eager = Scale(), Scale()
+    eager.layer.load_state_dict(compiled.layer.state_dict())
+    program = compile_program(compiled.step, cuda=False)
+    for x in (torch.randn(4, 3), torch.randn(4, 3), torch.randn(7, 3)):
+        torch.testing.assert_close(program(x)["y"], eager.step(x)["y"])
+    compiled.layer.double(), eager.layer.double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    out = program(x)["y"]
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, eager.step(x)["y"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(compiled.layer.weight, eager.layer.weight, rtol=1e-12, atol=1e-12)
+
