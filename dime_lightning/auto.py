@@ -9,7 +9,8 @@ update compile    'whole' in one process (checked at start-up  'whole' in one pr
                   against eager, eager on a mismatch);        ``WHOLE_MIN_LEARNING_STEPS`` learning env steps,
                   'none' with several processes or bf16       else 'none'; 'none' with several processes or
                                                               bf16
-compile_act       'reduce-overhead' (acting as a CUDA graph)  'none'
+compile_act       'reduce-overhead' (acting as a CUDA graph)  'default' where the update is 'whole' (a long run
+                                                              in one process), else 'none'
 storage           'device' when the buffer takes at most      'memory'
                   ``DEVICE_STORAGE_SHARE`` of the free GPU
                   memory, else 'memory'
@@ -21,7 +22,9 @@ took 70 s (dispatch size) and 4.3 min (CPU size, the demo) to compile, which ≈
 back. The threshold leaves a margin, so that ``auto`` never makes a run slower: the demo (7,000 learning steps) stays
 eager. Several processes stay eager because "whole" runs in one process and the compiled losses have not been
 tested under DDP; bf16-mixed stays eager because that is the combination its tests cover. The CUDA choices follow
-the GPU design (a launch-bound update); they have not been measured on a GPU.
+the GPU design (a launch-bound update); they have not been measured on a GPU. Acting compiled on a CPU took 0.16
+against 0.48 ms per action at the dispatch-bound size and 1.23 against 4.35 ms at CPU size, its first call 12 s and
+54 s with cold caches: it follows the update, compiled in the runs long enough for both (BENCHMARKS.md, "Acting").
 """
 
 from __future__ import annotations
@@ -43,9 +46,12 @@ def update_mode(device_type: str, processes: int, learning_env_steps: int | None
     return "whole" if device_type == "cpu" and long_run else "none"
 
 
-def act_mode(device_type: str) -> str:
-    """Acting's compile mode for ``auto``: one CUDA graph per action on a GPU, eager elsewhere."""
-    return "reduce-overhead" if device_type == "cuda" else "none"
+def act_mode(device_type: str, update_mode: str) -> str:
+    """Acting's compile mode for ``auto``: one CUDA graph per action on a GPU; on a CPU compiled where the update
+    (``update_mode``, as resolved) is "whole", i.e. in a run long enough for compiling to pay, else eager."""
+    if device_type == "cuda":
+        return "reduce-overhead"
+    return "default" if update_mode == "whole" else "none"
 
 
 def storage(device_type: str, need_bytes: int, free_device_bytes: int | None) -> str:

@@ -118,7 +118,7 @@ class DIMEModule(pl.LightningModule):
             mixed = "mixed" in str(getattr(self.trainer, "precision", "32-true"))
             self.updater.set_mode(auto.update_mode(device.type, processes, learning, mixed))
         if self.hparams.compile_act == AUTO:
-            self._act_mode = auto.act_mode(device.type)
+            self._act_mode = auto.act_mode(device.type, self.updater.mode)
             self._act = maybe_compile(self.actor.act, self._act_mode)
 
     def act(self, obs: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,8 @@ def test_the_table() -> None:
     assert auto.update_mode("cuda", 1, short) == "whole"
     assert auto.update_mode("cuda", 2, long) == auto.update_mode("cpu", 2, long) == "none"  # DDP
     assert auto.update_mode("cuda", 1, long, mixed_precision=True) == "none"  # bf16-mixed: the tested eager path
-    assert (auto.act_mode("cuda"), auto.act_mode("cpu")) == ("reduce-overhead", "none")
+    assert auto.act_mode("cuda", "none") == auto.act_mode("cuda", "whole") == "reduce-overhead"
+    assert (auto.act_mode("cpu", "whole"), auto.act_mode("cpu", "none")) == ("default", "none")  # with the update
     assert auto.storage("cuda", need_bytes=10, free_device_bytes=20) == "device"
     assert auto.storage("cuda", need_bytes=11, free_device_bytes=20) == "memory"  # over half the free memory
     assert auto.storage("cpu", need_bytes=1, free_device_bytes=None) == "memory"
@@ -49,7 +50,7 @@ def module_after_setup(device: str, processes: int = 1, learning_env_steps: int 
 @pytest.mark.parametrize(("device", "processes", "learning", "expected"), [
     ("cpu", 1, 300, {"compile": "none", "compile_act": "none"}),  # a smoke run
     ("cpu", 1, 7_000, {"compile": "none", "compile_act": "none"}),  # the Pendulum demo: at break-even
-    ("cpu", 1, 50_000, {"compile": "whole", "compile_act": "none"}),
+    ("cpu", 1, 50_000, {"compile": "whole", "compile_act": "default"}),
     ("cuda", 1, 300, {"compile": "whole", "compile_act": "reduce-overhead"}),
     ("cuda", 2, 50_000, {"compile": "none", "compile_act": "reduce-overhead"}),  # DDP
     ("cpu", 2, 50_000, {"compile": "none", "compile_act": "none"}),
