@@ -12,6 +12,9 @@ graph (``torch.compile(..., fullgraph=True)``), with no backward pass and no opt
   applied after the step (only where the loss is finite with ``nonfinite="skip"``);
 - non-finite losses: counted on the device; with ``"skip"`` a non-finite step leaves parameters, optimizer
   state and statistics unchanged (``torch.where``), so the schedule stays static and nothing is read back.
+
+``compile_program`` compiles one: from a code object of its own, with only the guards that can change between its
+calls (``kept_guards``), and on a CPU with inductor's C++ wrapper.
 """
 
 from __future__ import annotations
