@@ -15,17 +15,19 @@ import sys
 import time
 
 import torch
+from throughput import SHAPES, SPEED_SIZES  # the sizes of the speed section (benchmarks/ is on the path)
 
 from dime_lightning.actor import DiffusionActor
 
-SIZES = {"dispatch": (3, 1, 1, 8), "cpu": (105, 8, 16, 256)}  # obs, action, diffusion steps, width
 CALLS = {"dispatch": 300, "cpu": 60}  # per round
 
 
 def main(out: str) -> dict:
     torch.manual_seed(0)
     results = {}
-    for size, (obs_dim, action_dim, steps, width) in SIZES.items():
+    for size in CALLS:
+        _, env, _, width, _, steps = SPEED_SIZES[size]
+        obs_dim, action_dim = SHAPES[env]
         modes = {}
         for mode in ("none", "default"):
             actor = DiffusionActor(obs_dim, action_dim, num_steps=steps, hidden_dim=width, time_features=width,

@@ -142,15 +142,23 @@ class BatchCollector:
 
 
 def rollout_steps(rollout: TensorDictBase) -> list[Step]:
-    """A collector batch, (T,) or (workers, T / workers), as its transitions in order."""
+    """A collector batch, (T,) or (workers, T / workers), as its transitions in order. The per-transition flags
+    (episode ended, first non-finite value) are computed for the whole batch at once: one host read each."""
+    flat = rollout.reshape(-1)
+
+    def per_row(value: torch.Tensor) -> torch.Tensor:
+        return value.reshape(len(flat), -1)
+
+    ended = per_row(flat["next", "done"]).any(-1).tolist()
+    returns = per_row(flat["next", "episode_reward"]).sum(-1).tolist()
+    lengths = per_row(flat["next", "step_count"]).amax(-1).tolist()
+    bad_obs = per_row(~torch.isfinite(flat["next", "observation"])).any(-1).tolist()
+    bad_reward = per_row(~torch.isfinite(flat["next", "reward"])).any(-1).tolist()
     steps = []
-    for transition in rollout.reshape(-1).unbind(0):
-        episode = None
-        if bool(transition["next", "done"].any()):
-            episode = (float(transition["next", "episode_reward"].sum()), int(transition["next", "step_count"].max()))
-        nonfinite = next((name for name, key in ((NEXT_OBS, ("next", "observation")), (NEXT_REWARD, ("next", "reward")))
-                          if not bool(torch.isfinite(transition[key]).all())), None)
-        steps.append(Step({key: transition[key] for key in TRANSITION_KEYS}, nonfinite, episode))
+    for i, transition in enumerate(flat.select(*TRANSITION_KEYS).unbind(0)):
+        nonfinite = NEXT_OBS if bad_obs[i] else NEXT_REWARD if bad_reward[i] else None
+        episode = (float(returns[i]), int(lengths[i])) if ended[i] else None
+        steps.append(Step(dict(transition.items(include_nested=True, leaves_only=True)), nonfinite, episode))
     return steps
 
 

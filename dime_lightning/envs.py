@@ -26,7 +26,9 @@ evaluation env) also carries ``success``, a bool per step, for envs that report 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import gymnasium
 import numpy as np
@@ -47,6 +49,8 @@ from torchrl.envs.gym_like import default_info_dict_reader
 
 from dime_lightning.errors import EnvIdError
 from dime_lightning.toy_envs import register_toy_envs
+
+T = TypeVar("T")
 
 DMC_PREFIX = "dm_control/"
 MYO_PREFIX = "myo"  # MyoSuite's ids (myoHand…, myoElbow…, myoChallenge…), registered by `import myosuite`
@@ -145,6 +149,15 @@ class SolvedAsSuccess(gymnasium.Wrapper):
         return obs, reward, terminated, truncated, {SUCCESS_KEY: np.asarray(bool(np.asarray(info["solved"])))}
 
 
+def _created(env_id: str, make: Callable[[], T]) -> T:
+    """``make()``, its failure reported as an ``EnvIdError`` naming ``env_id`` (gymnasium raises many types:
+    missing extras, bad kwargs, …)."""
+    try:
+        return make()
+    except Exception as err:
+        raise EnvIdError(f"env id {env_id!r} could not be created: {err}") from err
+
+
 def _base_env(env_id: str, device: str, success: bool) -> EnvBase:
     if env_id.startswith(DMC_PREFIX):
         from torchrl.envs import DMControlEnv
@@ -152,12 +165,10 @@ def _base_env(env_id: str, device: str, success: bool) -> EnvBase:
         domain, task = _dmc_domain_task(env_id)
         return DMControlEnv(domain, task, device=device)
     check_env_id(env_id)
-    try:
-        if not (success and is_myosuite(env_id)):
-            return GymEnv(env_id, device=device)
-        env = GymWrapper(SolvedAsSuccess(gymnasium.make(env_id.rpartition(":")[2])), device=device)
-    except Exception as err:  # gymnasium raises many types (missing extras, bad kwargs, …)
-        raise EnvIdError(f"env id {env_id!r} could not be created: {err}") from err
+    if not (success and is_myosuite(env_id)):
+        return _created(env_id, lambda: GymEnv(env_id, device=device))
+    env = _created(env_id, lambda: GymWrapper(SolvedAsSuccess(gymnasium.make(env_id.rpartition(":")[2])),
+                                              device=device))
     env.set_info_dict_reader(default_info_dict_reader([SUCCESS_KEY], spec=[Unbounded((), dtype=torch.bool)]))
     return env
 
@@ -198,10 +209,7 @@ def make_gymnasium_env(env_id: str) -> gymnasium.Env:
     [−1, 1] mapped affinely to the env bounds (``RescaleAction``, as ``ActionScaling`` does for ``make_env``),
     the episode's return and length reported at its end (``RecordEpisodeStatistics``). Not yet reset."""
     check_env_id(env_id)
-    try:
-        env = gymnasium.make(env_id)
-    except Exception as err:  # gymnasium raises many types (missing extras, bad kwargs, …)
-        raise EnvIdError(f"env id {env_id!r} could not be created: {err}") from err
+    env = _created(env_id, lambda: gymnasium.make(env_id))
     space = env.action_space
     bounded = isinstance(space, gymnasium.spaces.Box) and np.isfinite(space.low).all() and np.isfinite(space.high).all()
     if not bounded:
