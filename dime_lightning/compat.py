@@ -1,6 +1,6 @@
-"""Every private part of Lightning that dime_lightning relies on, in one place.
+"""Every private part of Lightning, and every experimental part of torch, that dime_lightning relies on, in one place.
 
-Lightning offers no public API for these four; each access below checks what it reads and raises
+Lightning offers no public API for the first four; each access below checks what it reads and raises
 ``LibraryChangedError`` (naming the attribute and the installed version) when it is gone or has another
 shape, and ``tests/test_compat.py`` runs each one against the installed Lightning and checks its *meaning*
 (the cadence, the resume, the checkpoint key, the DDP arguments), so that an upgrade fails a test, not a run.
@@ -14,18 +14,25 @@ shape, and ``tests/test_compat.py`` runs each one against the installed Lightnin
 - ``add_ddp_kwargs``: ``DDPStrategy._ddp_kwargs``, the arguments a strategy that already exists passes to
   ``DistributedDataParallel`` (a new one takes them publicly as constructor keywords).
 
+- ``compile_ahead_of_time``: ``torch.compile(...).aot_compile`` (torch's ahead-of-time compilation, marked
+  experimental in torch 2.13) and its artifact's ``disable_guard_check``: what "whole" calls on a CPU
+  (``program.AheadOfTime``, which checks the layout itself).
+
 Everything else (LightningCLI, MLFlowLogger, TorchRL, tensordict) is used through public APIs only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from typing import Any
+
+import torch
 
 from dime_lightning.errors import LibraryChangedError
 
 PROGRESS_COUNTERS = ("ready", "started", "processed", "completed")
+ANALYSIS_RESTARTS = 3  # compile_ahead_of_time: new analyses Dynamo may ask for (one per kind of restart it needs)
 
 
 def _changed(attribute: str, meaning: str, library: str = "lightning") -> LibraryChangedError:
@@ -93,3 +100,25 @@ def ddp_kwargs(strategy: Any) -> dict[str, Any]:
     if not isinstance(current, dict):
         raise _changed("DDPStrategy._ddp_kwargs", "the keyword arguments passed to DistributedDataParallel")
     return current
+
+
+def compile_ahead_of_time(compiled: Any, example_args: tuple) -> Callable:
+    """``compiled`` (what ``torch.compile(fn, fullgraph=True, ...)`` returned) compiled now for ``example_args``, as a
+    callable that runs the compiled code with no guard check and no Dynamo frame evaluation. The caller answers for
+    calling it only on what it was compiled for. Experimental in torch: ``aot_compile`` and the artifact's
+    ``disable_guard_check``; private: the exception by which Dynamo asks for a new analysis."""
+    aot_compile = getattr(compiled, "aot_compile", None)
+    if not callable(aot_compile):
+        raise _changed("torch.compile(...).aot_compile", "compilation ahead of time for example inputs", "torch")
+    for attempt in range(ANALYSIS_RESTARTS + 1):
+        try:
+            artifact = aot_compile((tuple(example_args), {}))
+            break
+        except torch._dynamo.exc.TensorifyScalarRestartAnalysis:  # Dynamo asks to trace again with the Python
+            if attempt == ANALYSIS_RESTARTS:  # floats it names specialized (it records which); torch.compile's
+                raise  # lazy path restarts by itself, the ahead-of-time path leaves it to the caller
+    disable_guard_check = getattr(artifact, "disable_guard_check", None)
+    if not callable(disable_guard_check):
+        raise _changed("aot_compile(...).disable_guard_check", "calls without the artifact's guard check", "torch")
+    disable_guard_check()
+    return artifact

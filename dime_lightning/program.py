@@ -14,7 +14,8 @@ graph (``torch.compile(..., fullgraph=True)``), with no backward pass and no opt
   state and statistics unchanged (``torch.where``), so the schedule stays static and nothing is read back.
 
 ``compile_program`` compiles one: from a code object of its own, with only the guards that can change between its
-calls (``kept_guards``), and on a CPU with inductor's C++ wrapper.
+calls (``kept_guards``), and on a CPU with inductor's C++ wrapper, ahead of time and called without Dynamo
+(``AheadOfTime``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tensordict import TensorDict
 from torch import nn
 from torch.func import functional_call, grad_and_value
 
+from dime_lightning.compat import compile_ahead_of_time
 from dime_lightning.losses import actor_loss, critic_loss, temperature_loss
 from dime_lightning.optim import global_norm, zero_nan_and_clip
 from dime_lightning.temperature import Temperature
@@ -70,11 +72,59 @@ def compile_program(method: Callable, cuda: bool) -> Callable:
     """``method`` (a bound method of a ``StepProgram``) compiled into one graph (``fullgraph``: any graph break fails
     loudly), through a copy of its function with a code object of its own: Dynamo keeps compiled graphs per code
     object, so this program's graph is the only one its calls can run (no other program instance's, which its
-    dropped guards could not tell apart), and a rebuilt program leaves no stale graph behind."""
-    fn = method.__func__
-    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    options = {**(INDUCTOR_OPTIONS if cuda else CPU_INDUCTOR_OPTIONS), "guard_filter_fn": kept_guards}
-    return torch.compile(types.MethodType(own, method.__self__), fullgraph=True, options=options)
+    dropped guards could not tell apart), and a rebuilt program leaves no stale graph behind. On a CPU it is
+    compiled ahead of time and called without Dynamo (``AheadOfTime``) where torch has ``aot_compile``."""
+    fn, owner = method.__func__, method.__self__
+    own = types.MethodType(types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                                              fn.__closure__), owner)
+
+    def compiled(guard_filter: Callable) -> Callable:
+        options = {**(INDUCTOR_OPTIONS if cuda else CPU_INDUCTOR_OPTIONS), "guard_filter_fn": guard_filter}
+        return torch.compile(own, fullgraph=True, options=options)
+
+    if not cuda:  # AheadOfTime checks the layout itself: the artifact keeps no guard (it would serialize them)
+        ahead = compiled(torch.compiler.skip_all_guards_unsafe)
+        if hasattr(ahead, "aot_compile"):
+            return AheadOfTime(ahead, owner)
+    return compiled(kept_guards)
+
+
+class AheadOfTime:
+    """A compiled program on a CPU, compiled ahead of time for the layout of its arguments and state
+    (``compat.compile_ahead_of_time``) and called without Dynamo: no guard check, no frame evaluation. Those were
+    ≈ 40 % of a program call at the dispatch-bound size (BENCHMARKS.md). What the guards checked it checks itself,
+    in a few µs per call (``layout``), and compiles anew for a layout it has not seen, as a recompile would:
+
+    - each argument's shape, strides, dtype, device and ``requires_grad``; grad mode and CPU autocast;
+    - the dtype and device of the first parameter of each module the program holds and of each of its children
+      (the actor, critic and temperature of a ``StepProgram``): a module moved or converted (``.to``, ``.double``);
+    - the Python numbers it reads, compiled in as constants: its owner's ``constants()`` (a ``StepProgram``'s
+      settings and its optimizers' hyperparameters).
+
+    Not checked: a single parameter, buffer or optimizer state replaced by one of another shape, dtype or device,
+    or a program attribute changed. The updater builds a new program wherever it changes those itself
+    (``DIMEUpdater.set_mode``, ``build_optimizers``, ``align_loaded_optimizers``)."""
+
+    def __init__(self, compiled: Callable, owner: object) -> None:
+        self.compiled, self.owner = compiled, owner
+        self.constants = getattr(owner, "constants", tuple)
+        modules = [value for value in vars(owner).values() if isinstance(value, nn.Module)]
+        firsts = (next(m.parameters(), None) for module in modules for m in (module, *module.children()))
+        self.sentinels = [p for p in firsts if p is not None]
+        self.artifacts: dict[tuple, Callable] = {}  # by layout
+
+    def layout(self, args: tuple[torch.Tensor, ...]) -> tuple:
+        """What the compiled code was specialized on and can differ between calls (see the class)."""
+        return (torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"),
+                *((t.shape, t.stride(), t.dtype, t.device, t.requires_grad) for t in args),
+                *((p.dtype, p.device) for p in self.sentinels), self.constants())
+
+    def __call__(self, *args: torch.Tensor) -> dict[str, torch.Tensor]:
+        key = self.layout(args)
+        artifact = self.artifacts.get(key)
+        if artifact is None:
+            artifact = self.artifacts[key] = compile_ahead_of_time(self.compiled, args)
+        return artifact(self.owner, *args)
 
 
 class _Parts(nn.Module):
@@ -161,6 +211,10 @@ class StepProgram:
             (group,) = optimizer.param_groups
             params = list(group["params"])
             self.groups[part] = ([names[id(p)] for p in params], [optimizer.state[p] for p in params], group)
+
+    def constants(self) -> tuple:
+        """The Python numbers the programs read: the settings and each optimizer's Adam hyperparameters."""
+        return (self.settings, *((group["lr"], group["betas"], group["eps"]) for _, _, group in self.groups.values()))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the programs update in place, by name: parameters, buffers (batch-renorm statistics),

@@ -20,10 +20,11 @@ The settings (discount, schedule, learning rates, clipping, non-finite handling,
 - ``"whole"``: the *whole* env step — every forward, gradient, clipping and optimizer step of critic, actor
   and temperature — runs as two programs (program.py: ``torch.func`` gradients, Adam as tensor ops): the
   critic update, and the actor update with the temperature update and target refresh. Each is compiled into a
-  single graph (``fullgraph=True``: no graph break) and on CUDA replayed as one CUDA graph (tensordict's
-  ``CudaGraphModule``); an env step calls them ``utd`` times and when the actor is due. Nothing in them reads a
-  tensor back to the host: the non-finite check is a device-side count that ``check_nonfinite()`` reads (one
-  sync) at the caller's cadence. With ``nonfinite="skip"`` a step whose loss is non-finite changes nothing
+  single graph (``fullgraph=True``: no graph break), on CUDA replayed as one CUDA graph (tensordict's
+  ``CudaGraphModule``), on a CPU compiled ahead of time and called without Dynamo (``program.AheadOfTime``);
+  an env step calls them ``utd`` times and when the actor is due. Nothing in them reads a tensor back to the
+  host: the non-finite check is a device-side count that ``check_nonfinite()`` reads (one sync) at the caller's
+  cadence. With ``nonfinite="skip"`` a step whose loss is non-finite changes nothing
   (parameters, optimizer state and batch-renorm statistics kept with ``torch.where``); skipped steps still
   count as updates. On CUDA the captured programs are first checked against the same programs run eagerly
   (``self_check``; self_check.py); on a mismatch the updater warns once and continues eagerly.

@@ -168,3 +168,20 @@ def test_ddp_kwargs_reach_distributed_data_parallel(monkeypatch) -> None:
 def test_ddp_kwargs_fail_loudly_when_gone() -> None:
     with pytest.raises(LibraryChangedError, match=r"lightning \d.*DDPStrategy\._ddp_kwargs"):
         add_ddp_kwargs(object(), {"find_unused_parameters": True})
+
+
+def test_compile_ahead_of_time_runs_the_compiled_code_with_no_guard_check() -> None:
+    """What program.AheadOfTime relies on: the artifact computes what the function does, and calling it checks
+    nothing (an int compiled in as a constant is not re-checked: the caller keys its artifacts on such values)."""
+    def scale(x: torch.Tensor, k: int) -> torch.Tensor:
+        return x * k
+
+    artifact = compat.compile_ahead_of_time(torch.compile(scale, fullgraph=True), (torch.ones(2), 2))
+    torch.testing.assert_close(artifact(torch.arange(2.0), 2), torch.tensor([0.0, 2.0]))
+    assert torch.equal(artifact(torch.ones(2), 3), torch.full((2,), 2.0)), (
+        "torch: aot_compile(...).disable_guard_check() no longer skips the guards")
+
+
+def test_compile_ahead_of_time_fails_loudly_when_gone() -> None:
+    with pytest.raises(LibraryChangedError, match=r"torch \d.*aot_compile"):
+        compat.compile_ahead_of_time(lambda x: x, (torch.ones(1),))

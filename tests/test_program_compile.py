@@ -10,7 +10,7 @@ from torch import nn
 
 from dime_lightning.actor import DiffusionActor
 from dime_lightning.critic import DistributionalCritic
-from dime_lightning.program import StepProgram, compile_program, kept_guards
+from dime_lightning.program import AheadOfTime, StepProgram, compile_program, kept_guards
 from dime_lightning.temperature import Temperature
 from dime_lightning.update import DIMEUpdater
 from dime_lightning.update_settings import UpdateSettings
@@ -50,20 +50,50 @@ def tiny_program() -> StepProgram:
 @pytest.mark.parametrize("cuda", [False, True])
 def test_each_program_is_compiled_from_a_code_object_of_its_own(monkeypatch, cuda) -> None:
     """Dynamo keeps compiled graphs per code object: two programs (a rebuilt one, another run's) share none, and
-    neither shares StepProgram's own. The guard filter applies on every device, the C++ wrapper on a CPU only."""
+    neither shares StepProgram's own. On CUDA the guard filter applies; on a CPU the program is compiled ahead of
+    time with no guard (AheadOfTime checks the layout), with the C++ wrapper."""
     seen = []
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append((fn, kwargs)) or fn)
+
+    def compile_(fn, **kwargs):
+        seen.append((fn, kwargs))
+        return SimpleNamespace(aot_compile=None)
+
+    monkeypatch.setattr(torch, "compile", compile_)
     first, second = tiny_program(), tiny_program()
-    for program in (first, second):
-        compile_program(program.critic_step, cuda)
+    compiled = [compile_program(program.critic_step, cuda) for program in (first, second)]
+    assert all(isinstance(c, AheadOfTime) is not cuda for c in compiled)
     (fn1, options1), (fn2, options2) = seen
     assert fn1.__self__ is first and fn2.__self__ is second
     codes = {id(fn1.__func__.__code__), id(fn2.__func__.__code__), id(StepProgram.critic_step.__code__)}
     assert len(codes) == 3
     assert fn1.__func__.__code__.co_code == StepProgram.critic_step.__code__.co_code  # the same program
     assert options1 == options2 and options1["fullgraph"]
-    assert options1["options"]["guard_filter_fn"] is kept_guards
+    guard_filter = kept_guards if cuda else torch.compiler.skip_all_guards_unsafe
+    assert options1["options"]["guard_filter_fn"] is guard_filter
     assert options1["options"].get("cpp_wrapper", False) is not cuda
+
+
+def test_ahead_of_time_layout_changes_with_what_the_guards_checked() -> None:
+    """AheadOfTime compiles anew when a call differs from the ones before in what Dynamo's guards checked: the
+    arguments' layout, grad mode, a module converted, a setting or an optimizer hyperparameter; not for new
+    values in tensors of the same layout."""
+    program = tiny_program()
+    program_call = AheadOfTime(lambda *args: None, program)
+    assert len(program_call.sentinels) == 4  # the parts, actor, critic, temperature
+    x = torch.randn(8, 3)
+    layout = program_call.layout((x,))
+    assert program_call.layout((torch.randn(8, 3),)) == layout
+    changed = {"shape": program_call.layout((torch.randn(9, 3),)), "dtype": program_call.layout((x.double(),)),
+               "strides": program_call.layout((torch.randn(3, 8).t(),))}
+    with torch.no_grad():
+        changed["grad mode"] = program_call.layout((x,))
+    program.parts.critic.double()
+    changed["a converted module"] = program_call.layout((x,))
+    program.parts.critic.float()
+    assert program_call.layout((x,)) == layout
+    program.groups["actor"][2]["lr"] = 1e-4
+    changed["a learning rate"] = program_call.layout((x,))
+    assert {name for name, other in changed.items() if other != layout} == set(changed)
 
 
 class Scale:
@@ -79,18 +109,21 @@ class Scale:
 
 
 def test_a_compiled_program_still_recompiles_for_other_tensors() -> None:
-    """The kept tensor guards: inputs of another shape, and parameters of another dtype, get their own graph
-    (the same results as eagerly), not the first graph run on them."""
+    """Inputs of another shape, and parameters of another dtype, get their own graph (the same results as
+    eagerly), not the first graph run on them: on a CPU, AheadOfTime's layout compiles anew."""
     torch._dynamo.reset()
     compiled, eager = Scale(), Scale()
     eager.layer.load_state_dict(compiled.layer.state_dict())
     program = compile_program(compiled.step, cuda=False)
+    assert isinstance(program, AheadOfTime)
     for x in (torch.randn(4, 3), torch.randn(4, 3), torch.randn(7, 3)):
         torch.testing.assert_close(program(x)["y"], eager.step(x)["y"])
+    assert len(program.artifacts) == 2
     compiled.layer.double(), eager.layer.double()
     x = torch.randn(4, 3, dtype=torch.float64)
     out = program(x)["y"]
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, eager.step(x)["y"], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(compiled.layer.weight, eager.layer.weight, rtol=1e-12, atol=1e-12)
+    assert len(program.artifacts) == 3
 
