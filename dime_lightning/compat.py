@@ -15,19 +15,19 @@ shape, and ``tests/test_compat.py`` runs each one against the installed Lightnin
   ``DistributedDataParallel`` (a new one takes them publicly as constructor keywords).
 
 - ``compile_ahead_of_time``: ``torch.compile(...).aot_compile`` (torch's ahead-of-time compilation, marked
-  experimental in torch 2.13) and its artifact's ``disable_guard_check``: what "whole" calls on a CPU
-  (``program.AheadOfTime``, which checks the layout itself).
+  experimental in torch 2.13), its artifact's ``disable_guard_check``, and Dynamo's request to trace again
+  (``TensorifyScalarRestartAnalysis``, ``TensorifyState``): what "whole" calls on a CPU (``program.AheadOfTime``,
+  which checks the layout itself).
 
 Everything else (LightningCLI, MLFlowLogger, TorchRL, tensordict) is used through public APIs only.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from importlib import metadata
 from typing import Any
-
-import torch
 
 from dime_lightning.errors import LibraryChangedError
 
@@ -106,17 +106,26 @@ def compile_ahead_of_time(compiled: Any, example_args: tuple) -> Callable:
     """``compiled`` (what ``torch.compile(fn, fullgraph=True, ...)`` returned) compiled now for ``example_args``, as a
     callable that runs the compiled code with no guard check and no Dynamo frame evaluation. The caller answers for
     calling it only on what it was compiled for. Experimental in torch: ``aot_compile`` and the artifact's
-    ``disable_guard_check``; private: the exception by which Dynamo asks for a new analysis."""
+    ``disable_guard_check``; private: the exception by which Dynamo asks to trace again with some Python floats
+    specialized (torch.compile's lazy path does so by itself) and the record of those floats, cleared afterwards."""
     aot_compile = getattr(compiled, "aot_compile", None)
     if not callable(aot_compile):
         raise _changed("torch.compile(...).aot_compile", "compilation ahead of time for example inputs", "torch")
-    for attempt in range(ANALYSIS_RESTARTS + 1):
-        try:
-            artifact = aot_compile((tuple(example_args), {}))
-            break
-        except torch._dynamo.exc.TensorifyScalarRestartAnalysis:  # Dynamo asks to trace again with the Python
-            if attempt == ANALYSIS_RESTARTS:  # floats it names specialized (it records which); torch.compile's
-                raise  # lazy path restarts by itself, the ahead-of-time path leaves it to the caller
+    restart = getattr(importlib.import_module("torch._dynamo.exc"), "TensorifyScalarRestartAnalysis", None)
+    record = getattr(importlib.import_module("torch._dynamo.symbolic_convert"), "TensorifyState", None)
+    if restart is None or not callable(getattr(record, "clear", None)):
+        raise _changed("torch._dynamo TensorifyScalarRestartAnalysis / TensorifyState.clear",
+                       "Dynamo asking to trace again with floats specialized", "torch")
+    try:
+        for attempt in range(ANALYSIS_RESTARTS + 1):
+            try:
+                artifact = aot_compile((tuple(example_args), {}))
+                break
+            except restart:
+                if attempt == ANALYSIS_RESTARTS:
+                    raise
+    finally:
+        record.clear()  # the floats it named belong to this compilation only
     disable_guard_check = getattr(artifact, "disable_guard_check", None)
     if not callable(disable_guard_check):
         raise _changed("aot_compile(...).disable_guard_check", "calls without the artifact's guard check", "torch")

@@ -29,6 +29,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value
 
 from dime_lightning.compat import compile_ahead_of_time
+from dime_lightning.errors import BadInputError
 from dime_lightning.losses import actor_loss, critic_loss, temperature_loss
 from dime_lightning.optim import global_norm, zero_nan_and_clip
 from dime_lightning.temperature import Temperature
@@ -48,6 +49,7 @@ KEPT_GUARDS = frozenset({
     "GRAD_MODE", "GLOBAL_STATE", "DEFAULT_DEVICE", "TORCH_FUNCTION_STATE", "DETERMINISTIC_ALGORITHMS",
     "FUNCTORCH_STACK_MATCH", "AUTOGRAD_SAVED_TENSORS_HOOKS", "SHAPE_ENV",  # torch's global state
 })
+MAX_LAYOUTS = 8  # AheadOfTime: layouts compiled per program before it refuses (Dynamo's default recompile limit)
 PENDING = "pending_"  # critic.BatchRenorm's buffers for the statistics of the last train-mode forward
 # a minibatch's tensors in the order the compiled programs take them (critic_step)
 MINIBATCH_KEYS = ("observation", "action", ("next", "observation"), ("next", "reward"), ("next", "terminated"))
@@ -68,61 +70,62 @@ def kept_guards(entries: list) -> list[bool]:
     return keep
 
 
-def compile_program(method: Callable, cuda: bool) -> Callable:
+def compile_program(method: Callable, cuda: bool, modules: nn.Module, constants: Callable[[], tuple] = tuple
+                    ) -> Callable:
     """``method`` (a bound method of a ``StepProgram``) compiled into one graph (``fullgraph``: any graph break fails
     loudly), through a copy of its function with a code object of its own: Dynamo keeps compiled graphs per code
     object, so this program's graph is the only one its calls can run (no other program instance's, which its
-    dropped guards could not tell apart), and a rebuilt program leaves no stale graph behind. On a CPU it is
-    compiled ahead of time and called without Dynamo (``AheadOfTime``) where torch has ``aot_compile``."""
+    dropped guards could not tell apart), and a rebuilt program leaves no stale graph behind. ``modules``: every
+    module whose tensors it reads; ``constants``: the Python numbers it reads (both for ``AheadOfTime``, on a CPU)."""
     fn, owner = method.__func__, method.__self__
     own = types.MethodType(types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
                                               fn.__closure__), owner)
-
-    def compiled(guard_filter: Callable) -> Callable:
-        options = {**(INDUCTOR_OPTIONS if cuda else CPU_INDUCTOR_OPTIONS), "guard_filter_fn": guard_filter}
-        return torch.compile(own, fullgraph=True, options=options)
-
-    if not cuda:  # AheadOfTime checks the layout itself: the artifact keeps no guard (it would serialize them)
-        ahead = compiled(torch.compiler.skip_all_guards_unsafe)
-        if hasattr(ahead, "aot_compile"):
-            return AheadOfTime(ahead, owner)
-    return compiled(kept_guards)
+    if cuda:
+        return torch.compile(own, fullgraph=True, options={**INDUCTOR_OPTIONS, "guard_filter_fn": kept_guards})
+    # AheadOfTime checks the layout itself: the artifact keeps no guard (it would otherwise serialize them)
+    options = {**CPU_INDUCTOR_OPTIONS, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
+    return AheadOfTime(torch.compile(own, fullgraph=True, options=options), owner, modules, constants)
 
 
 class AheadOfTime:
     """A compiled program on a CPU, compiled ahead of time for the layout of its arguments and state
-    (``compat.compile_ahead_of_time``) and called without Dynamo: no guard check, no frame evaluation. Those were
-    ≈ 40 % of a program call at the dispatch-bound size (BENCHMARKS.md). What the guards checked it checks itself,
-    in a few µs per call (``layout``), and compiles anew for a layout it has not seen, as a recompile would:
+    (``compat.compile_ahead_of_time``) and called without Dynamo: no guard check, no frame evaluation (at the
+    dispatch-bound size 337–345 against 537–546 µs per critic + actor call, BENCHMARKS.md). In their place it checks
+    per call, in a few µs (``layout``), what can differ between two calls of a program, and compiles anew for a
+    layout it has not seen (at most ``MAX_LAYOUTS``):
 
     - each argument's shape, strides, dtype, device and ``requires_grad``; grad mode and CPU autocast;
-    - the dtype and device of the first parameter of each module the program holds and of each of its children
-      (the actor, critic and temperature of a ``StepProgram``): a module moved or converted (``.to``, ``.double``);
-    - the Python numbers it reads, compiled in as constants: its owner's ``constants()`` (a ``StepProgram``'s
-      settings and its optimizers' hyperparameters).
+    - the dtype, device and training flag of every module in ``modules`` that holds parameters of its own (its
+      first parameter's): a module or a submodule moved or converted (``.to``, ``.double``), or switched to eval;
+    - the Python numbers it reads, compiled in as constants (``constants()``: a ``StepProgram``'s settings and its
+      optimizers' hyperparameters).
 
-    Not checked: a single parameter, buffer or optimizer state replaced by one of another shape, dtype or device,
-    or a program attribute changed. The updater builds a new program wherever it changes those itself
-    (``DIMEUpdater.set_mode``, ``build_optimizers``, ``align_loaded_optimizers``)."""
+    Not checked, unlike Dynamo's guards: one parameter, buffer or optimizer state replaced by a tensor of another
+    shape, dtype, strides or device; torch's other global state (deterministic algorithms, default dtype and device,
+    torch-function modes, the functorch stack, saved-tensor hooks). The updater builds a new program wherever it
+    replaces tensors itself (``DIMEUpdater.set_mode``, ``build_optimizers``, ``align_loaded_optimizers``)."""
 
-    def __init__(self, compiled: Callable, owner: object) -> None:
-        self.compiled, self.owner = compiled, owner
-        self.constants = getattr(owner, "constants", tuple)
-        modules = [value for value in vars(owner).values() if isinstance(value, nn.Module)]
-        firsts = (next(m.parameters(), None) for module in modules for m in (module, *module.children()))
-        self.sentinels = [p for p in firsts if p is not None]
+    def __init__(self, compiled: Callable, owner: object, modules: nn.Module, constants: Callable[[], tuple]) -> None:
+        self.compiled, self.owner, self.constants = compiled, owner, constants
+        holders = [m for m in modules.modules() if next(m.parameters(recurse=False), None) is not None]
+        self.sentinels = [(m, next(m.parameters(recurse=False))) for m in holders]
         self.artifacts: dict[tuple, Callable] = {}  # by layout
 
     def layout(self, args: tuple[torch.Tensor, ...]) -> tuple:
         """What the compiled code was specialized on and can differ between calls (see the class)."""
         return (torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"),
                 *((t.shape, t.stride(), t.dtype, t.device, t.requires_grad) for t in args),
-                *((p.dtype, p.device) for p in self.sentinels), self.constants())
+                *((p.dtype, p.device, m.training) for m, p in self.sentinels), self.constants())
 
     def __call__(self, *args: torch.Tensor) -> dict[str, torch.Tensor]:
         key = self.layout(args)
         artifact = self.artifacts.get(key)
         if artifact is None:
+            if len(self.artifacts) == MAX_LAYOUTS:
+                raise BadInputError(
+                    f"a 'whole' program was compiled for {MAX_LAYOUTS} layouts already (argument shapes, module "
+                    "dtypes and modes, settings or learning rates changed again); values that change every few "
+                    "updates, such as a scheduled learning rate, need model.update.compile none")
             artifact = self.artifacts[key] = compile_ahead_of_time(self.compiled, args)
         return artifact(self.owner, *args)
 

@@ -295,7 +295,7 @@ class DIMEUpdater:
         cuda = sample.device is not None and sample.device.type == "cuda"
         program = self.program()
         for name, fn in (("critic", program.critic_step), ("actor", program.actor_step)):
-            fn = compile_program(fn, cuda)
+            fn = compile_program(fn, cuda, program.parts, program.constants)
             if cuda:
                 from tensordict.nn import CudaGraphModule  # CUDA only
 

@@ -185,3 +185,26 @@ def test_compile_ahead_of_time_runs_the_compiled_code_with_no_guard_check() -> N
 def test_compile_ahead_of_time_fails_loudly_when_gone() -> None:
     with pytest.raises(LibraryChangedError, match=r"torch \d.*aot_compile"):
         compat.compile_ahead_of_time(lambda x: x, (torch.ones(1),))
+
+
+def test_compile_ahead_of_time_traces_again_when_dynamo_asks_and_clears_its_record(monkeypatch) -> None:
+    """Dynamo's request to trace again with floats specialized (raised by the ahead-of-time path, which does not
+    restart by itself) is honoured; what it recorded is cleared afterwards, so it reaches no other compilation."""
+    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+    from torch._dynamo.symbolic_convert import TensorifyState
+
+    compiled = torch.compile(lambda x: x * 2, fullgraph=True)
+    calls = []
+    real = compiled.aot_compile
+
+    def asks_once(example):
+        calls.append(example)
+        if len(calls) == 1:
+            TensorifyState.specialize("zf0")
+            raise TensorifyScalarRestartAnalysis
+        return real(example)
+
+    monkeypatch.setattr(compiled, "aot_compile", asks_once)
+    artifact = compat.compile_ahead_of_time(compiled, (torch.ones(2),))
+    assert len(calls) == 2 and torch.equal(artifact(torch.ones(2)), torch.full((2,), 2.0))
+    assert TensorifyState.empty()

@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+import dime_lightning.program as program_module
 from dime_lightning.actor import DiffusionActor
 from dime_lightning.critic import DistributionalCritic
+from dime_lightning.errors import BadInputError
 from dime_lightning.program import AheadOfTime, StepProgram, compile_program, kept_guards
 from dime_lightning.temperature import Temperature
 from dime_lightning.update import DIMEUpdater
@@ -60,7 +62,8 @@ def test_each_program_is_compiled_from_a_code_object_of_its_own(monkeypatch, cud
 
     monkeypatch.setattr(torch, "compile", compile_)
     first, second = tiny_program(), tiny_program()
-    compiled = [compile_program(program.critic_step, cuda) for program in (first, second)]
+    compiled = [compile_program(program.critic_step, cuda, program.parts, program.constants)
+                for program in (first, second)]
     assert all(isinstance(c, AheadOfTime) is not cuda for c in compiled)
     (fn1, options1), (fn2, options2) = seen
     assert fn1.__self__ is first and fn2.__self__ is second
@@ -75,11 +78,12 @@ def test_each_program_is_compiled_from_a_code_object_of_its_own(monkeypatch, cud
 
 def test_ahead_of_time_layout_changes_with_what_the_guards_checked() -> None:
     """AheadOfTime compiles anew when a call differs from the ones before in what Dynamo's guards checked: the
-    arguments' layout, grad mode, a module converted, a setting or an optimizer hyperparameter; not for new
-    values in tensors of the same layout."""
+    arguments' layout, grad mode, a module or submodule converted or switched to eval, a setting or an optimizer
+    hyperparameter; not for new values in tensors of the same layout."""
     program = tiny_program()
-    program_call = AheadOfTime(lambda *args: None, program)
-    assert len(program_call.sentinels) == 4  # the parts, actor, critic, temperature
+    program_call = AheadOfTime(lambda *args: None, program, program.parts, program.constants)
+    holders = {m for m in program.parts.modules() if list(m.parameters(recurse=False))}
+    assert {m for m, _ in program_call.sentinels} == holders and len(holders) > 3
     x = torch.randn(8, 3)
     layout = program_call.layout((x,))
     assert program_call.layout((torch.randn(8, 3),)) == layout
@@ -90,6 +94,14 @@ def test_ahead_of_time_layout_changes_with_what_the_guards_checked() -> None:
     program.parts.critic.double()
     changed["a converted module"] = program_call.layout((x,))
     program.parts.critic.float()
+    assert program_call.layout((x,)) == layout
+    last_layer = [m for m in program.parts.critic.modules() if isinstance(m, nn.Linear)][-1]
+    last_layer.double()
+    changed["a converted submodule"] = program_call.layout((x,))
+    last_layer.float()
+    program.parts.critic.eval()
+    changed["a module in eval mode"] = program_call.layout((x,))
+    program.parts.critic.train()
     assert program_call.layout((x,)) == layout
     program.groups["actor"][2]["lr"] = 1e-4
     changed["a learning rate"] = program_call.layout((x,))
@@ -114,7 +126,7 @@ def test_a_compiled_program_still_recompiles_for_other_tensors() -> None:
     torch._dynamo.reset()
     compiled, eager = Scale(), Scale()
     eager.layer.load_state_dict(compiled.layer.state_dict())
-    program = compile_program(compiled.step, cuda=False)
+    program = compile_program(compiled.step, cuda=False, modules=compiled.layer)
     assert isinstance(program, AheadOfTime)
     for x in (torch.randn(4, 3), torch.randn(4, 3), torch.randn(7, 3)):
         torch.testing.assert_close(program(x)["y"], eager.step(x)["y"])
@@ -127,3 +139,16 @@ def test_a_compiled_program_still_recompiles_for_other_tensors() -> None:
     torch.testing.assert_close(compiled.layer.weight, eager.layer.weight, rtol=1e-12, atol=1e-12)
     assert len(program.artifacts) == 3
 
+
+
+def test_ahead_of_time_refuses_a_layout_beyond_its_limit(monkeypatch) -> None:
+    """A program that would compile anew on every few calls (e.g. a scheduled learning rate) stops with a clear
+    error after MAX_LAYOUTS layouts instead of compiling forever."""
+    monkeypatch.setattr(program_module, "compile_ahead_of_time", lambda compiled, args: lambda owner, *a: {})
+    scale = Scale()
+    program = compile_program(scale.step, cuda=False, modules=scale.layer)
+    for rows in range(1, program_module.MAX_LAYOUTS + 1):
+        program(torch.randn(rows, 3))
+    program(torch.randn(1, 3))  # a layout seen before: no new compilation
+    with pytest.raises(BadInputError, match=r"compiled for 8 layouts.*model.update.compile none"):
+        program(torch.randn(program_module.MAX_LAYOUTS + 1, 3))
