@@ -97,8 +97,8 @@ class AheadOfTime:
     - each argument's shape, strides, dtype, device and ``requires_grad``; grad mode and CPU autocast;
     - the dtype, device and training flag of every module in ``modules`` that holds parameters of its own (its
       first parameter's): a module or a submodule moved or converted (``.to``, ``.double``), or switched to eval;
-    - the Python numbers it reads, compiled in as constants (``constants()``: a ``StepProgram``'s settings and its
-      optimizers' hyperparameters).
+    - the Python numbers it reads that can change in place, compiled in as constants (``constants()``: a
+      ``StepProgram``'s optimizer hyperparameters; its settings are frozen).
 
     Not checked, unlike Dynamo's guards: one parameter, buffer or optimizer state replaced by a tensor of another
     shape, dtype, strides or device; torch's other global state (deterministic algorithms, default dtype and device,
@@ -216,8 +216,9 @@ class StepProgram:
             self.groups[part] = ([names[id(p)] for p in params], [optimizer.state[p] for p in params], group)
 
     def constants(self) -> tuple:
-        """The Python numbers the programs read: the settings and each optimizer's Adam hyperparameters."""
-        return (self.settings, *((group["lr"], group["betas"], group["eps"]) for _, _, group in self.groups.values()))
+        """The Python numbers the programs read that can change in place: each optimizer's Adam hyperparameters
+        (the settings are a frozen ``UpdateSettings``, fixed for the program's life)."""
+        return tuple((group["lr"], group["betas"], group["eps"]) for _, _, group in self.groups.values())
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the programs update in place, by name: parameters, buffers (batch-renorm statistics),
