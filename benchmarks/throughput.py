@@ -52,9 +52,10 @@ from tensordict import TensorDict
 from dime_lightning.actor import DiffusionActor
 from dime_lightning.critic import DistributionalCritic
 from dime_lightning.gaussian import TanhGaussianActor
+from dime_lightning.program import compile_acting
 from dime_lightning.replay import ReplayRing, transition_layout
 from dime_lightning.temperature import Temperature
-from dime_lightning.update import DIMEUpdater, maybe_compile
+from dime_lightning.update import DIMEUpdater
 from dime_lightning.update_settings import UpdateSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,7 +222,7 @@ def speed(device: torch.device, mode: str, width: int, hidden: int, repeats: int
     sample = random_batch(obs_dim, action_dim, batch).to(device)
     # acting beside "whole": compiled, and replayed as a CUDA graph on a GPU (model.compile_act)
     act_mode = ("reduce-overhead" if device.type == "cuda" else "default") if mode == "whole" else mode
-    act1, act256 = maybe_compile(actor.act, act_mode), maybe_compile(actor.act, act_mode)  # a graph per batch size
+    act1, act256 = (compile_acting(actor.act, act_mode, device.type) for _ in range(2))  # one per batch size
     obs1, obs256 = torch.randn(obs_dim, device=device), torch.randn(batch, obs_dim, device=device)
     samples = torch.stack([sample, sample])  # (utd, B)
 

@@ -27,6 +27,7 @@ from dime_lightning.data import StepBatch
 from dime_lightning.distributed import all_ranks_true, average_running_statistics_, is_distributed, max_over_ranks
 from dime_lightning.errors import BadInputError, NonFiniteError
 from dime_lightning.policy import check_actor
+from dime_lightning.program import compile_acting
 from dime_lightning.temperature import Temperature
 from dime_lightning.tracking import log_at_env_steps
 from dime_lightning.update import DIMEUpdater, make_target_actor, maybe_compile
@@ -52,7 +53,8 @@ class DIMEModule(pl.LightningModule):
         update: the update's settings (``UpdateSettings``: discount, update-to-data ratio, policy delay, learning
             rates, clipping, non-finite handling, compile mode); the config group ``model.update``.
         compile_act: acting through torch.compile: 'auto' (chosen at the start of a fit by device:
-            ``dime_lightning.auto``), 'none', 'default', 'reduce-overhead' (a CUDA graph on a GPU). Default 'auto'.
+            ``dime_lightning.auto``), 'none', 'default', 'reduce-overhead' (a CUDA graph on a GPU); on a CPU
+            either compiled mode compiles ahead of time (``program.compile_acting``). Default 'auto'.
     """
 
     def __init__(
@@ -91,7 +93,7 @@ class DIMEModule(pl.LightningModule):
             after_critic_step=lambda: average_running_statistics_(self.critic),
         )
         # acting, optionally through torch.compile ("reduce-overhead" replays a CUDA graph on a GPU); "auto" is
-        # eager until setup() resolves it
+        # eager until setup() resolves it, and setup() compiles for the device (program.compile_acting)
         self._act_mode = "none" if compile_act == AUTO else compile_act
         self._act = maybe_compile(self.actor.act, self._act_mode)
         self.env_steps = 0
@@ -119,7 +121,7 @@ class DIMEModule(pl.LightningModule):
             self.updater.set_mode(auto.update_mode(device.type, processes, learning, mixed))
         if self.hparams.compile_act == AUTO:
             self._act_mode = auto.act_mode(device.type, self.updater.mode)
-            self._act = maybe_compile(self.actor.act, self._act_mode)
+        self._act = compile_acting(self.actor.act, self._act_mode, device.type)  # now that the device is known
 
     def act(self, obs: torch.Tensor) -> torch.Tensor:
         """Actions for ``obs`` (collection's policy): the actor's ``act``, compiled as ``compile_act`` says."""

@@ -21,7 +21,9 @@ calls (``kept_guards``), and on a CPU with inductor's C++ wrapper, ahead of time
 from __future__ import annotations
 
 import types
+import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from tensordict import TensorDict
@@ -70,6 +72,19 @@ def kept_guards(entries: list) -> list[bool]:
     return keep
 
 
+def _own_code(method: Callable) -> Callable:
+    """``method`` (a bound method) through a copy of its function with a code object of its own."""
+    fn = method.__func__
+    return types.MethodType(types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                                               fn.__closure__), method.__self__)
+
+
+def _for_ahead_of_time(fn: Callable) -> Callable:
+    """``torch.compile`` of ``fn`` for ``AheadOfTime``, which checks the layout itself: no guard is kept."""
+    options = {**CPU_INDUCTOR_OPTIONS, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
+    return torch.compile(fn, fullgraph=True, options=options)
+
+
 def compile_program(method: Callable, cuda: bool, modules: nn.Module, constants: Callable[[], tuple] = tuple
                     ) -> Callable:
     """``method`` (a bound method of a ``StepProgram``) compiled into one graph (``fullgraph``: any graph break fails
@@ -77,14 +92,29 @@ def compile_program(method: Callable, cuda: bool, modules: nn.Module, constants:
     object, so this program's graph is the only one its calls can run (no other program instance's, which its
     dropped guards could not tell apart), and a rebuilt program leaves no stale graph behind. ``modules``: every
     module whose tensors it reads; ``constants``: the Python numbers it reads (both for ``AheadOfTime``, on a CPU)."""
-    fn, owner = method.__func__, method.__self__
-    own = types.MethodType(types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
-                                              fn.__closure__), owner)
+    own = _own_code(method)
     if cuda:
         return torch.compile(own, fullgraph=True, options={**INDUCTOR_OPTIONS, "guard_filter_fn": kept_guards})
-    # AheadOfTime checks the layout itself: the artifact keeps no guard (it would otherwise serialize them)
-    options = {**CPU_INDUCTOR_OPTIONS, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
-    return AheadOfTime(torch.compile(own, fullgraph=True, options=options), owner, modules, constants)
+    return AheadOfTime(_for_ahead_of_time(own), method.__self__, modules, constants, "model.update.compile none")
+
+
+def compile_acting(act: Callable, mode: str, device_type: str) -> Callable:
+    """An actor's bound ``act`` as ``model.compile_act`` says: ``act`` itself for "none"; on a CPU compiled ahead of
+    time and called without Dynamo (``AheadOfTime``, with the programs' options: noise from the eager generator);
+    elsewhere ``torch.compile(act, mode=mode)``. At the dispatch-bound size, right after an update, an action took
+    35 µs ahead of time against 132 µs through Dynamo, whose guard check then ran cold (BENCHMARKS.md). An ``act``
+    that does not compile into one graph warns once and runs through ``torch.compile(act, mode=mode)``."""
+    if mode == "none":
+        return act
+    if device_type != "cpu":
+        return torch.compile(act, mode=mode)
+    actor = act.__self__  # bound to _acting: AheadOfTime calls a function of (owner, *args), whatever act's signature
+    return AheadOfTime(_for_ahead_of_time(types.MethodType(_acting, actor)), actor, actor, tuple,
+                       "model.compile_act none", fallback=lambda: torch.compile(act, mode=mode))
+
+
+def _acting(actor: nn.Module, obs: torch.Tensor) -> torch.Tensor:
+    return actor.act(obs)
 
 
 class AheadOfTime:
@@ -92,7 +122,8 @@ class AheadOfTime:
     (``compat.compile_ahead_of_time``) and called without Dynamo: no guard check, no frame evaluation (at the
     dispatch-bound size 337–345 against 537–546 µs per critic + actor call, BENCHMARKS.md). In their place it checks
     per call, in a few µs (``layout``), what can differ between two calls of a program, and compiles anew for a
-    layout it has not seen (at most ``MAX_LAYOUTS``):
+    layout it has not seen (at most ``MAX_LAYOUTS``; beyond, an error that names ``instead``, the setting that
+    avoids compiling):
 
     - each argument's shape, strides, dtype, device and ``requires_grad``; grad mode and CPU autocast;
     - the dtype, device and training flag of every module in ``modules`` that holds parameters of its own (its
@@ -103,13 +134,18 @@ class AheadOfTime:
     Not checked, unlike Dynamo's guards: one parameter, buffer or optimizer state replaced by a tensor of another
     shape, dtype, strides or device; torch's other global state (deterministic algorithms, default dtype and device,
     torch-function modes, the functorch stack, saved-tensor hooks). The updater builds a new program wherever it
-    replaces tensors itself (``DIMEUpdater.set_mode``, ``build_optimizers``, ``align_loaded_optimizers``)."""
+    replaces tensors itself (``DIMEUpdater.set_mode``, ``build_optimizers``, ``align_loaded_optimizers``).
 
-    def __init__(self, compiled: Callable, owner: object, modules: nn.Module, constants: Callable[[], tuple]) -> None:
-        self.compiled, self.owner, self.constants = compiled, owner, constants
+    ``fallback`` (acting): where the first compilation fails (an actor that does not trace into one graph), one
+    warning and every call through ``fallback()`` instead."""
+
+    def __init__(self, compiled: Callable, owner: object, modules: nn.Module, constants: Callable[[], tuple],
+                 instead: str, fallback: Callable[[], Callable] | None = None) -> None:
+        self.compiled, self.owner, self.constants, self.instead = compiled, owner, constants, instead
         holders = [m for m in modules.modules() if next(m.parameters(recurse=False), None) is not None]
         self.sentinels = [(m, next(m.parameters(recurse=False))) for m in holders]
         self.artifacts: dict[tuple, Callable] = {}  # by layout
+        self.fallback, self.fallen_back = fallback, None
 
     def layout(self, args: tuple[torch.Tensor, ...]) -> tuple:
         """What the compiled code was specialized on and can differ between calls (see the class)."""
@@ -117,16 +153,26 @@ class AheadOfTime:
                 *((t.shape, t.stride(), t.dtype, t.device, t.requires_grad) for t in args),
                 *((p.dtype, p.device, m.training) for m, p in self.sentinels), self.constants())
 
-    def __call__(self, *args: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, *args: torch.Tensor) -> Any:
+        if self.fallen_back is not None:
+            return self.fallen_back(*args)
         key = self.layout(args)
         artifact = self.artifacts.get(key)
         if artifact is None:
             if len(self.artifacts) == MAX_LAYOUTS:
                 raise BadInputError(
-                    f"a 'whole' program was compiled for {MAX_LAYOUTS} layouts already (argument shapes, module "
-                    "dtypes and modes, settings or learning rates changed again); values that change every few "
-                    "updates, such as a scheduled learning rate, need model.update.compile none")
-            artifact = self.artifacts[key] = compile_ahead_of_time(self.compiled, args)
+                    f"a program compiled ahead of time was compiled for {MAX_LAYOUTS} layouts already (argument "
+                    "shapes, module dtypes and modes, settings or learning rates changed again); values that change "
+                    f"every few calls, such as a scheduled learning rate, need {self.instead}")
+            try:
+                artifact = self.artifacts[key] = compile_ahead_of_time(self.compiled, args)
+            except Exception as err:  # acting only (fallback): any failure to trace, named in the warning
+                if self.fallback is None or self.artifacts:
+                    raise
+                warnings.warn(f"{self.instead.split()[0]}: could not compile ahead of time ({type(err).__name__}: "
+                              f"{err}); compiled through torch.compile instead", RuntimeWarning, stacklevel=2)
+                self.fallen_back = self.fallback()
+                return self.fallen_back(*args)
         return artifact(self.owner, *args)
 
 

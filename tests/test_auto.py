@@ -13,6 +13,7 @@ from dime_lightning.critic import BatchRenorm
 from dime_lightning.data import ReplayDataModule
 from dime_lightning.errors import BadInputError
 from dime_lightning.module import DIMEModule
+from dime_lightning.program import AheadOfTime
 from dime_lightning.update_settings import UpdateSettings
 
 
@@ -61,6 +62,7 @@ def test_the_module_resolves_auto_at_setup(device, processes, learning, expected
     assert module.modes == {"compile": "none", "compile_act": "none"}  # outside a fit: eager
     module = module_after_setup(device, processes, learning)
     assert module.modes == expected
+    assert isinstance(module._act, AheadOfTime) == (device == "cpu" and expected["compile_act"] != "none")
     assert module.hparams["update"]["compile"] == "auto"  # checkpoints keep the setting, not its resolution
     deferred = {m.defer_statistics for m in module.critic.modules() if isinstance(m, BatchRenorm)}
     assert deferred == {expected["compile"] != "none"}  # compiled updates apply batch-renorm statistics after backward

@@ -12,7 +12,7 @@ import dime_lightning.program as program_module
 from dime_lightning.actor import DiffusionActor
 from dime_lightning.critic import DistributionalCritic
 from dime_lightning.errors import BadInputError
-from dime_lightning.program import AheadOfTime, StepProgram, compile_program, kept_guards
+from dime_lightning.program import AheadOfTime, StepProgram, compile_acting, compile_program, kept_guards
 from dime_lightning.temperature import Temperature
 from dime_lightning.update import DIMEUpdater
 from dime_lightning.update_settings import UpdateSettings
@@ -81,7 +81,7 @@ def test_ahead_of_time_layout_changes_with_what_the_guards_checked() -> None:
     arguments' layout, grad mode, a module or submodule converted or switched to eval, a setting or an optimizer
     hyperparameter; not for new values in tensors of the same layout."""
     program = tiny_program()
-    program_call = AheadOfTime(lambda *args: None, program, program.parts, program.constants)
+    program_call = AheadOfTime(lambda *args: None, program, program.parts, program.constants, "none")
     holders = {m for m in program.parts.modules() if list(m.parameters(recurse=False))}
     assert {m for m, _ in program_call.sentinels} == holders and len(holders) > 3
     x = torch.randn(8, 3)
@@ -152,3 +152,48 @@ def test_ahead_of_time_refuses_a_layout_beyond_its_limit(monkeypatch) -> None:
     program(torch.randn(1, 3))  # a layout seen before: no new compilation
     with pytest.raises(BadInputError, match=r"compiled for 8 layouts.*model.update.compile none"):
         program(torch.randn(program_module.MAX_LAYOUTS + 1, 3))
+
+
+class BreaksTheGraph(nn.Module):
+    """An actor whose ``act`` branches on a tensor's value: no single graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 1)
+
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.layer(obs) if obs.sum() > 0 else -self.layer(obs)
+
+
+def test_acting_on_a_cpu_is_compiled_ahead_of_time_and_acts_as_eagerly() -> None:
+    """compile_act on a CPU: the actor's own ``act`` for "none", else compiled ahead of time, drawing its noise from
+    the eager generator (the same actions as eagerly for a seed), one artifact per layout; an ``act`` that does not
+    trace into one graph warns and acts through torch.compile."""
+    torch.manual_seed(0)
+    actor = DiffusionActor(3, 1, num_steps=2, hidden_dim=8, time_features=8, time_hidden_dim=8)
+    assert compile_acting(actor.act, "none", "cpu") == actor.act
+    act = compile_acting(actor.act, "default", "cpu")
+    assert isinstance(act, AheadOfTime)
+    for obs in (torch.randn(3), torch.randn(5, 3), torch.randn(3)):
+        torch.manual_seed(1)
+        expected = actor.act(obs)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            torch.testing.assert_close(act(obs), expected, rtol=1e-5, atol=1e-6)
+    assert len(act.artifacts) == 2 and act.fallen_back is None  # batch 1 and batch 5
+    breaks = BreaksTheGraph()
+    act = compile_acting(breaks.act, "default", "cpu")
+    obs = torch.randn(3)
+    with pytest.warns(RuntimeWarning, match="model.compile_act: could not compile ahead of time"):
+        acted = act(obs)
+    torch.testing.assert_close(acted, breaks.act(obs))
+    torch.testing.assert_close(act(-obs), breaks.act(-obs))  # both branches; no second warning
+    assert act.fallen_back is not None and not act.artifacts
+
+
+def test_acting_elsewhere_goes_through_torch_compile(monkeypatch) -> None:
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append((fn, kwargs)) or fn)
+    actor = DiffusionActor(3, 1, num_steps=1, hidden_dim=8, time_features=8, time_hidden_dim=8)
+    compile_acting(actor.act, "reduce-overhead", "cuda")
+    assert seen == [(actor.act, {"mode": "reduce-overhead"})]
