@@ -49,9 +49,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from tensordict import TensorDict
 
+from dime_lightning import host_memory
 from dime_lightning.actor import DiffusionActor
 from dime_lightning.critic import DistributionalCritic
 from dime_lightning.gaussian import TanhGaussianActor
+from dime_lightning.host_memory import HOST_MEMORY
 from dime_lightning.program import compile_acting
 from dime_lightning.replay import ReplayRing, transition_layout
 from dime_lightning.temperature import Temperature
@@ -303,11 +305,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="timed calls per figure of the speed section (default: 30 on CUDA, 5 on CPU)")
     parser.add_argument("--steps", type=int, default=300, help="learning steps timed in each overhead loop")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes and counts: checks the script only")
+    parser.add_argument("--host-memory", choices=HOST_MEMORY, default="keep",
+                        help="the fit's host_memory setting, applied to this process as a fit applies it")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
     args = parser.parse_args(argv)
     steps = 5 if args.tiny else args.steps
     results = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-               "date": time.strftime("%Y-%m-%d"), "tiny": args.tiny}
+               "date": time.strftime("%Y-%m-%d"), "tiny": args.tiny, "host_memory": args.host_memory,
+               "host_memory_changed": host_memory.apply(args.host_memory)}
     if "overhead" in args.only:
         with tempfile.TemporaryDirectory() as workdir:
             fit_sps, cli = fit_loop_steps_per_second(steps, Path(workdir), args.tiny)

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dime_lightning import checkpoint_schema as schema
+from dime_lightning import host_memory
 from dime_lightning.callbacks import EnvStepProgressBar, Evaluation, TrainingMonitor
 from dime_lightning.checkpointing import (
     ConfigInCheckpoint,
@@ -43,6 +44,7 @@ from dime_lightning.errors import (
     DiskSpaceError,
     NonFiniteError,
 )
+from dime_lightning.host_memory import HostMemory
 from dime_lightning.module import DIMEModule
 from dime_lightning.runs import default_run_name, resolve_tracking_uri
 from dime_lightning.safe_checkpoint import checkpoint_globals
@@ -149,6 +151,11 @@ class DIMECLI(LightningCLI):
         parser.add_argument(
             "--ckpt_path", type=str | None, default=None,
             help="resume: 'last' (newest last.ckpt), a checkpoint file, or an MLflow run id",
+        )
+        parser.add_argument(
+            "--host_memory", type=HostMemory, default="keep",
+            help="freed host memory: 'keep' it for the next update (glibc; faster on a CPU, see "
+                 "dime_lightning.host_memory) or leave the C allocator's 'system' defaults",
         )
 
     def before_instantiate_classes(self) -> None:
@@ -270,6 +277,7 @@ def build_cli(args: list[str] | None = None) -> DIMECLI:
 
 def main(args: list[str] | None = None) -> None:
     cli = build_cli(args)
+    host_memory.apply(cli.config["host_memory"])
     checkpointer = next((c for c in cli.trainer.callbacks if isinstance(c, EnvStepCheckpoint)), None)
     try:
         with checkpoint_globals():  # Lightning's own load of the (already checked) checkpoint: weights only
