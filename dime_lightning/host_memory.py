@@ -2,10 +2,10 @@
 
 An update allocates and frees the same buffers (activations, gradients, Adam's temporaries) again and again. With
 glibc's default settings, freed blocks at the top of the heap beyond its trim threshold go back to the system, and
-the next update page-faults them in again, zeroed by the kernel: ≈ 3,700 minor page faults per env step at CPU size
-(Ant-v5 shapes, widths 256, batch 256), ≈ 7 % of a learning step on one core (BENCHMARKS.md). ``keep`` asks glibc
-(``mallopt``) to serve blocks up to ``KEEP_BLOCKS_UP_TO`` from the heap and to keep what is freed there for reuse.
-The resident memory then stays at its high-water mark, which for a fit is what its next update needs anyway.
+the next update page-faults them in again, zeroed by the kernel: 3,300–3,800 minor page faults per env step at CPU
+size (Ant-v5 shapes, widths 256, batch 256), ≈ 6 % of a learning step on one core (BENCHMARKS.md). ``keep`` asks
+glibc (``mallopt``) to serve blocks up to ``KEEP_BLOCKS_UP_TO`` from the heap and to keep what is freed there for
+reuse. The resident memory then stays at its high-water mark, which for a fit is what its next update needs anyway.
 """
 
 from __future__ import annotations
