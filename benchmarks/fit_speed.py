@@ -68,10 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", type=int, default=10, help="learning steps left out (compile, capture)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(ours)
+    from dime_lightning import host_memory
     from dime_lightning.fit import build_cli
 
     with tempfile.TemporaryDirectory() as workdir:
         cli = build_cli([*fit_args, *QUIET, "--checkpoint.dirpath", str(Path(workdir) / "ckpt")])
+        host_memory.apply(cli.config["host_memory"])  # as fit.main does
         learning_starts = cli.datamodule.hparams.learning_starts
         timer = TimedPhases(learning_starts, args.skip, args.seconds)
         cli.trainer.callbacks.append(timer)

@@ -18,6 +18,8 @@ shape, and ``tests/test_compat.py`` runs each one against the installed Lightnin
   experimental in torch 2.13), its artifact's ``disable_guard_check``, and Dynamo's request to trace again
   (``TensorifyScalarRestartAnalysis``, ``TensorifyState``): what "whole" calls on a CPU (``program.AheadOfTime``,
   which checks the layout itself).
+- ``graph_break_errors``: Dynamo's ``Unsupported`` and ``UserError``, what tracing into one graph raises for code it
+  cannot put in one graph (``program.compile_acting`` falls back to Dynamo's lazy path on them only).
 
 Everything else (LightningCLI, MLFlowLogger, TorchRL, tensordict) is used through public APIs only.
 """
@@ -131,3 +133,13 @@ def compile_ahead_of_time(compiled: Any, example_args: tuple) -> Callable:
         raise _changed("aot_compile(...).disable_guard_check", "calls without the artifact's guard check", "torch")
     disable_guard_check()
     return artifact
+
+
+def graph_break_errors() -> tuple[type[Exception], ...]:
+    """The exceptions by which Dynamo refuses to trace a function into one graph (``fullgraph``): ``Unsupported``
+    (a graph break, such as a branch on a tensor's value) and ``UserError``. Private to torch."""
+    exc = importlib.import_module("torch._dynamo.exc")
+    errors = tuple(getattr(exc, name, None) for name in ("Unsupported", "UserError"))
+    if not all(isinstance(error, type) and issubclass(error, Exception) for error in errors):
+        raise _changed("torch._dynamo.exc.Unsupported / UserError", "Dynamo's refusal to trace into one graph", "torch")
+    return errors

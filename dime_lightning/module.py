@@ -96,6 +96,7 @@ class DIMEModule(pl.LightningModule):
         # eager until setup() resolves it, and setup() compiles for the device (program.compile_acting)
         self._act_mode = "none" if compile_act == AUTO else compile_act
         self._act = maybe_compile(self.actor.act, self._act_mode)
+        self._act_built_for: tuple[str, str] | None = None  # (mode, device type) once setup() compiled it
         self.env_steps = 0
         self._checked_at = 0  # env steps at the last deferred non-finite check ("whole")
 
@@ -121,7 +122,9 @@ class DIMEModule(pl.LightningModule):
             self.updater.set_mode(auto.update_mode(device.type, processes, learning, mixed))
         if self.hparams.compile_act == AUTO:
             self._act_mode = auto.act_mode(device.type, self.updater.mode)
-        self._act = compile_acting(self.actor.act, self._act_mode, device.type)  # now that the device is known
+        if self._act_built_for != (self._act_mode, device.type):  # a second fit in this process keeps it
+            self._act = compile_acting(self.actor.act, self._act_mode, device.type)  # now that the device is known
+            self._act_built_for = (self._act_mode, device.type)
 
     def act(self, obs: torch.Tensor) -> torch.Tensor:
         """Actions for ``obs`` (collection's policy): the actor's ``act``, compiled as ``compile_act`` says."""

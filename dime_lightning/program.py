@@ -20,6 +20,7 @@ calls (``kept_guards``), and on a CPU with inductor's C++ wrapper, ahead of time
 
 from __future__ import annotations
 
+import functools
 import types
 import warnings
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from tensordict import TensorDict
 from torch import nn
 from torch.func import functional_call, grad_and_value
 
-from dime_lightning.compat import compile_ahead_of_time
+from dime_lightning.compat import compile_ahead_of_time, graph_break_errors
 from dime_lightning.errors import BadInputError
 from dime_lightning.losses import actor_loss, critic_loss, temperature_loss
 from dime_lightning.optim import global_norm, zero_nan_and_clip
@@ -102,15 +103,23 @@ def compile_acting(act: Callable, mode: str, device_type: str) -> Callable:
     """An actor's bound ``act`` as ``model.compile_act`` says: ``act`` itself for "none"; on a CPU compiled ahead of
     time and called without Dynamo (``AheadOfTime``, with the programs' options: noise from the eager generator);
     elsewhere ``torch.compile(act, mode=mode)``. At the dispatch-bound size, right after an update, an action took
-    35 µs ahead of time against 132 µs through Dynamo, whose guard check then ran cold (BENCHMARKS.md). An ``act``
-    that does not compile into one graph warns once and runs through ``torch.compile(act, mode=mode)``."""
+    35 µs ahead of time against 132 µs through Dynamo, whose guard check then ran cold (BENCHMARKS.md).
+
+    Ahead of time the actor's Python attributes are compiled in, as they were at the first call (its control
+    function, step count, any flag its ``act`` reads): change them before the fit starts, or act with "none". An
+    ``act`` that does not trace into one graph (``compat.graph_break_errors``), or one that is not a method of an
+    ``nn.Module``, acts through ``torch.compile`` with the same options (one warning for the first)."""
     if mode == "none":
         return act
+    actor = getattr(act, "__self__", None)
     if device_type != "cpu":
         return torch.compile(act, mode=mode)
-    actor = act.__self__  # bound to _acting: AheadOfTime calls a function of (owner, *args), whatever act's signature
+    lazy = functools.partial(torch.compile, act, options=INDUCTOR_OPTIONS)  # on a CPU the modes compile alike
+    if not isinstance(actor, nn.Module):
+        return lazy()
+    # bound to _acting: AheadOfTime calls a function of (owner, *args), whatever the signature of act
     return AheadOfTime(_for_ahead_of_time(types.MethodType(_acting, actor)), actor, actor, tuple,
-                       "model.compile_act none", fallback=lambda: torch.compile(act, mode=mode))
+                       "model.compile_act none", fallback=lazy)
 
 
 def _acting(actor: nn.Module, obs: torch.Tensor) -> torch.Tensor:
@@ -136,7 +145,7 @@ class AheadOfTime:
     torch-function modes, the functorch stack, saved-tensor hooks). The updater builds a new program wherever it
     replaces tensors itself (``DIMEUpdater.set_mode``, ``build_optimizers``, ``align_loaded_optimizers``).
 
-    ``fallback`` (acting): where the first compilation fails (an actor that does not trace into one graph), one
+    ``fallback`` (acting): where the first compilation finds no single graph (``compat.graph_break_errors``), one
     warning and every call through ``fallback()`` instead."""
 
     def __init__(self, compiled: Callable, owner: object, modules: nn.Module, constants: Callable[[], tuple],
@@ -162,15 +171,17 @@ class AheadOfTime:
             if len(self.artifacts) == MAX_LAYOUTS:
                 raise BadInputError(
                     f"a program compiled ahead of time was compiled for {MAX_LAYOUTS} layouts already (argument "
-                    "shapes, module dtypes and modes, settings or learning rates changed again); values that change "
-                    f"every few calls, such as a scheduled learning rate, need {self.instead}")
+                    "shapes or dtypes, module dtypes and modes, or the numbers it reads changed again); what "
+                    "changes every few calls (a scheduled learning rate, observations of ever new shapes) needs "
+                    f"{self.instead}")
             try:
                 artifact = self.artifacts[key] = compile_ahead_of_time(self.compiled, args)
-            except Exception as err:  # acting only (fallback): any failure to trace, named in the warning
+            except graph_break_errors() as err:
                 if self.fallback is None or self.artifacts:
                     raise
-                warnings.warn(f"{self.instead.split()[0]}: could not compile ahead of time ({type(err).__name__}: "
-                              f"{err}); compiled through torch.compile instead", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"{self.instead.split()[0]}: no single graph to compile ahead of time "
+                              f"({type(err).__name__}: {err}); compiled through torch.compile instead", RuntimeWarning,
+                              stacklevel=2)
                 self.fallen_back = self.fallback()
                 return self.fallen_back(*args)
         return artifact(self.owner, *args)

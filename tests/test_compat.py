@@ -208,3 +208,12 @@ def test_compile_ahead_of_time_traces_again_when_dynamo_asks_and_clears_its_reco
     artifact = compat.compile_ahead_of_time(compiled, (torch.ones(2),))
     assert len(calls) == 2 and torch.equal(artifact(torch.ones(2)), torch.full((2,), 2.0))
     assert TensorifyState.empty()
+
+
+def test_graph_break_errors_are_what_tracing_into_one_graph_raises() -> None:
+    """What program.compile_acting falls back on: a branch on a tensor's value cannot be one graph."""
+    def branches(x: torch.Tensor) -> torch.Tensor:
+        return x if x.sum() > 0 else -x
+
+    with pytest.raises(compat.graph_break_errors()):
+        compat.compile_ahead_of_time(torch.compile(branches, fullgraph=True), (torch.ones(2),))

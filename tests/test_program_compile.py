@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -167,28 +168,41 @@ class BreaksTheGraph(nn.Module):
 
 def test_acting_on_a_cpu_is_compiled_ahead_of_time_and_acts_as_eagerly() -> None:
     """compile_act on a CPU: the actor's own ``act`` for "none", else compiled ahead of time, drawing its noise from
-    the eager generator (the same actions as eagerly for a seed), one artifact per layout; an ``act`` that does not
-    trace into one graph warns and acts through torch.compile."""
+    the eager generator (the same actions as eagerly for a seed, also after the parameters changed in place), one
+    artifact per layout; an ``act`` that does not trace into one graph warns once and acts through torch.compile,
+    and any other error in it is raised as it is."""
     torch.manual_seed(0)
     actor = DiffusionActor(3, 1, num_steps=2, hidden_dim=8, time_features=8, time_hidden_dim=8)
     assert compile_acting(actor.act, "none", "cpu") == actor.act
     act = compile_acting(actor.act, "default", "cpu")
     assert isinstance(act, AheadOfTime)
-    for obs in (torch.randn(3), torch.randn(5, 3), torch.randn(3)):
+
+    def same_as_eager(obs: torch.Tensor) -> None:
         torch.manual_seed(1)
         expected = actor.act(obs)
         torch.manual_seed(1)
         with torch.no_grad():
             torch.testing.assert_close(act(obs), expected, rtol=1e-5, atol=1e-6)
+
+    for obs in (torch.randn(3), torch.randn(5, 3), torch.randn(3)):
+        same_as_eager(obs)
+    with torch.no_grad():  # as an update does: in place, read by the next call
+        actor.control_net.head.bias.add_(0.5)
+    same_as_eager(obs)
     assert len(act.artifacts) == 2 and act.fallen_back is None  # batch 1 and batch 5
     breaks = BreaksTheGraph()
     act = compile_acting(breaks.act, "default", "cpu")
     obs = torch.randn(3)
-    with pytest.warns(RuntimeWarning, match="model.compile_act: could not compile ahead of time"):
+    with pytest.warns(RuntimeWarning, match="model.compile_act: no single graph to compile ahead of time"):
         acted = act(obs)
     torch.testing.assert_close(acted, breaks.act(obs))
-    torch.testing.assert_close(act(-obs), breaks.act(-obs))  # both branches; no second warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        torch.testing.assert_close(act(-obs), breaks.act(-obs))  # both branches
     assert act.fallen_back is not None and not act.artifacts
+    with warnings.catch_warnings(), pytest.raises(RuntimeError, match=r"reduction dim|cannot be multiplied"):
+        warnings.simplefilter("error")  # not a graph break: raised as it is, with no fall-back
+        compile_acting(actor.act, "default", "cpu")(torch.randn(4))
 
 
 def test_acting_elsewhere_goes_through_torch_compile(monkeypatch) -> None:
