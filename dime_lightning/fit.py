@@ -44,7 +44,6 @@ from dime_lightning.errors import (
     DiskSpaceError,
     NonFiniteError,
 )
-from dime_lightning.host_memory import HostMemory
 from dime_lightning.module import DIMEModule
 from dime_lightning.runs import default_run_name, resolve_tracking_uri
 from dime_lightning.safe_checkpoint import checkpoint_globals
@@ -153,7 +152,7 @@ class DIMECLI(LightningCLI):
             help="resume: 'last' (newest last.ckpt), a checkpoint file, or an MLflow run id",
         )
         parser.add_argument(
-            "--host_memory", type=HostMemory, default="keep",
+            "--host_memory", type=host_memory.HostMemory, default="keep",
             help="freed host memory: 'keep' it for the next update (glibc; faster on a CPU, see "
                  "dime_lightning.host_memory) or leave the C allocator's 'system' defaults",
         )

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import ctypes
 import platform
-from typing import Literal
+from typing import Literal, get_args
 
 from dime_lightning.errors import BadInputError
 
 HostMemory = Literal["keep", "system"]
-HOST_MEMORY = ("keep", "system")
+HOST_MEMORY = get_args(HostMemory)
 # mallopt's parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 KEEP_BLOCKS_UP_TO = 32 * 2**20  # glibc's largest mmap threshold on 64-bit machines (half its heap size)

@@ -20,7 +20,6 @@ calls (``kept_guards``), and on a CPU with inductor's C++ wrapper, ahead of time
 
 from __future__ import annotations
 
-import functools
 import types
 import warnings
 from collections.abc import Callable
@@ -73,13 +72,6 @@ def kept_guards(entries: list) -> list[bool]:
     return keep
 
 
-def _own_code(method: Callable) -> Callable:
-    """``method`` (a bound method) through a copy of its function with a code object of its own."""
-    fn = method.__func__
-    return types.MethodType(types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
-                                               fn.__closure__), method.__self__)
-
-
 def _for_ahead_of_time(fn: Callable) -> Callable:
     """``torch.compile`` of ``fn`` for ``AheadOfTime``, which checks the layout itself: no guard is kept."""
     options = {**CPU_INDUCTOR_OPTIONS, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
@@ -93,10 +85,12 @@ def compile_program(method: Callable, cuda: bool, modules: nn.Module, constants:
     object, so this program's graph is the only one its calls can run (no other program instance's, which its
     dropped guards could not tell apart), and a rebuilt program leaves no stale graph behind. ``modules``: every
     module whose tensors it reads; ``constants``: the Python numbers it reads (both for ``AheadOfTime``, on a CPU)."""
-    own = _own_code(method)
+    fn, owner = method.__func__, method.__self__
+    own = types.MethodType(types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                                              fn.__closure__), owner)
     if cuda:
         return torch.compile(own, fullgraph=True, options={**INDUCTOR_OPTIONS, "guard_filter_fn": kept_guards})
-    return AheadOfTime(_for_ahead_of_time(own), method.__self__, modules, constants, "model.update.compile none")
+    return AheadOfTime(_for_ahead_of_time(own), owner, modules, constants, "model.update.compile")
 
 
 def compile_acting(act: Callable, mode: str, device_type: str) -> Callable:
@@ -111,15 +105,15 @@ def compile_acting(act: Callable, mode: str, device_type: str) -> Callable:
     ``nn.Module``, acts through ``torch.compile`` with the same options (one warning for the first)."""
     if mode == "none":
         return act
-    actor = getattr(act, "__self__", None)
     if device_type != "cpu":
         return torch.compile(act, mode=mode)
-    lazy = functools.partial(torch.compile, act, options=INDUCTOR_OPTIONS)  # on a CPU the modes compile alike
+    through_dynamo = torch.compile(act, options=INDUCTOR_OPTIONS)  # lazy; on a CPU the modes compile alike
+    actor = getattr(act, "__self__", None)
     if not isinstance(actor, nn.Module):
-        return lazy()
+        return through_dynamo
     # bound to _acting: AheadOfTime calls a function of (owner, *args), whatever the signature of act
     return AheadOfTime(_for_ahead_of_time(types.MethodType(_acting, actor)), actor, actor, tuple,
-                       "model.compile_act none", fallback=lazy)
+                       "model.compile_act", fallback=through_dynamo)
 
 
 def _acting(actor: nn.Module, obs: torch.Tensor) -> torch.Tensor:
@@ -131,8 +125,8 @@ class AheadOfTime:
     (``compat.compile_ahead_of_time``) and called without Dynamo: no guard check, no frame evaluation (at the
     dispatch-bound size 337–345 against 537–546 µs per critic + actor call, BENCHMARKS.md). In their place it checks
     per call, in a few µs (``layout``), what can differ between two calls of a program, and compiles anew for a
-    layout it has not seen (at most ``MAX_LAYOUTS``; beyond, an error that names ``instead``, the setting that
-    avoids compiling):
+    layout it has not seen (at most ``MAX_LAYOUTS``; beyond, an error that names ``setting``, the setting whose
+    "none" avoids compiling):
 
     - each argument's shape, strides, dtype, device and ``requires_grad``; grad mode and CPU autocast;
     - the dtype, device and training flag of every module in ``modules`` that holds parameters of its own (its
@@ -146,15 +140,15 @@ class AheadOfTime:
     replaces tensors itself (``DIMEUpdater.set_mode``, ``build_optimizers``, ``align_loaded_optimizers``).
 
     ``fallback`` (acting): where the first compilation finds no single graph (``compat.graph_break_errors``), one
-    warning and every call through ``fallback()`` instead."""
+    warning and every call through ``fallback`` instead."""
 
     def __init__(self, compiled: Callable, owner: object, modules: nn.Module, constants: Callable[[], tuple],
-                 instead: str, fallback: Callable[[], Callable] | None = None) -> None:
-        self.compiled, self.owner, self.constants, self.instead = compiled, owner, constants, instead
+                 setting: str, fallback: Callable | None = None) -> None:
+        self.compiled, self.owner, self.constants, self.setting = compiled, owner, constants, setting
         holders = [m for m in modules.modules() if next(m.parameters(recurse=False), None) is not None]
         self.sentinels = [(m, next(m.parameters(recurse=False))) for m in holders]
         self.artifacts: dict[tuple, Callable] = {}  # by layout
-        self.fallback, self.fallen_back = fallback, None
+        self.fallback, self.fallen_back = fallback, False
 
     def layout(self, args: tuple[torch.Tensor, ...]) -> tuple:
         """What the compiled code was specialized on and can differ between calls (see the class)."""
@@ -163,8 +157,8 @@ class AheadOfTime:
                 *((p.dtype, p.device, m.training) for m, p in self.sentinels), self.constants())
 
     def __call__(self, *args: torch.Tensor) -> Any:
-        if self.fallen_back is not None:
-            return self.fallen_back(*args)
+        if self.fallen_back:
+            return self.fallback(*args)
         key = self.layout(args)
         artifact = self.artifacts.get(key)
         if artifact is None:
@@ -173,17 +167,16 @@ class AheadOfTime:
                     f"a program compiled ahead of time was compiled for {MAX_LAYOUTS} layouts already (argument "
                     "shapes or dtypes, module dtypes and modes, or the numbers it reads changed again); what "
                     "changes every few calls (a scheduled learning rate, observations of ever new shapes) needs "
-                    f"{self.instead}")
+                    f"{self.setting} none")
             try:
                 artifact = self.artifacts[key] = compile_ahead_of_time(self.compiled, args)
             except graph_break_errors() as err:
                 if self.fallback is None or self.artifacts:
                     raise
-                warnings.warn(f"{self.instead.split()[0]}: no single graph to compile ahead of time "
-                              f"({type(err).__name__}: {err}); compiled through torch.compile instead", RuntimeWarning,
-                              stacklevel=2)
-                self.fallen_back = self.fallback()
-                return self.fallen_back(*args)
+                warnings.warn(f"{self.setting}: no single graph to compile ahead of time ({type(err).__name__}: "
+                              f"{err}); compiled through torch.compile instead", RuntimeWarning, stacklevel=2)
+                self.fallen_back = True
+                return self.fallback(*args)
         return artifact(self.owner, *args)
 
 

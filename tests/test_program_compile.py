@@ -82,7 +82,7 @@ def test_ahead_of_time_layout_changes_with_what_the_guards_checked() -> None:
     arguments' layout, grad mode, a module or submodule converted or switched to eval, a setting or an optimizer
     hyperparameter; not for new values in tensors of the same layout."""
     program = tiny_program()
-    program_call = AheadOfTime(lambda *args: None, program, program.parts, program.constants, "none")
+    program_call = AheadOfTime(lambda *args: None, program, program.parts, program.constants, "model.update.compile")
     holders = {m for m in program.parts.modules() if list(m.parameters(recurse=False))}
     assert {m for m, _ in program_call.sentinels} == holders and len(holders) > 3
     x = torch.randn(8, 3)
@@ -189,7 +189,7 @@ def test_acting_on_a_cpu_is_compiled_ahead_of_time_and_acts_as_eagerly() -> None
     with torch.no_grad():  # as an update does: in place, read by the next call
         actor.control_net.head.bias.add_(0.5)
     same_as_eager(obs)
-    assert len(act.artifacts) == 2 and act.fallen_back is None  # batch 1 and batch 5
+    assert len(act.artifacts) == 2 and not act.fallen_back  # batch 1 and batch 5
     breaks = BreaksTheGraph()
     act = compile_acting(breaks.act, "default", "cpu")
     obs = torch.randn(3)
@@ -199,7 +199,7 @@ def test_acting_on_a_cpu_is_compiled_ahead_of_time_and_acts_as_eagerly() -> None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning
         torch.testing.assert_close(act(-obs), breaks.act(-obs))  # both branches
-    assert act.fallen_back is not None and not act.artifacts
+    assert act.fallen_back and not act.artifacts
     with warnings.catch_warnings(), pytest.raises(RuntimeError, match=r"reduction dim|cannot be multiplied"):
         warnings.simplefilter("error")  # not a graph break: raised as it is, with no fall-back
         compile_acting(actor.act, "default", "cpu")(torch.randn(4))
